@@ -1,0 +1,1 @@
+"""Images to WebDataset tar shards plus a manifest, on any fsspec URL."""
