@@ -1,0 +1,44 @@
+"""Shared fixtures: real servers (started once per session), run-dir helpers, subprocess env."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for child processes: this checkout first on PYTHONPATH, quiet DeepSpeed/Ray."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory):
+    """A real SeaweedFS S3 server on 127.0.0.1 for the whole test session; AWS_* set in os.environ."""
+    from tests.servers import seaweedfs_env, start_seaweedfs
+
+    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    with seaweedfs_env(server):
+        yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(seaweedfs):
+    """A fresh bucket URL (s3://name) on the session's SeaweedFS server."""
+    return seaweedfs.make_bucket(f"t-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="session")
+def python() -> str:
+    return sys.executable
