@@ -226,6 +226,12 @@ class EvalConfig:
     """Epochs of fine-tuning."""
     finetune_blocks: int = 0
     """Fine-tune only the last k encoder blocks (0: the whole encoder)."""
+    finetune_samples: int = 0
+    """Cap on training samples for fine-tuning (0: the whole split); steps = epochs x samples / batch."""
+    finetune_drop_path: float = 0.1
+    """Stochastic depth rate of the last encoder block while fine-tuning (linear from 0 at the first)."""
+    finetune_weight_decay: float = 0.05
+    """AdamW weight decay of fine-tuning (not on norms, biases and tokens)."""
     finetune_lr: float = 1e-3
     """Base lr of fine-tuning (scaled by batch/256)."""
     layer_decay: float = 0.75
@@ -236,6 +242,12 @@ class EvalConfig:
     def check(self) -> None:
         if self.knn_k < 1 or self.knn_temperature <= 0:
             raise ConfigError("eval.knn_k must be >= 1 and eval.knn_temperature > 0")
+        if self.finetune_samples < 0 or self.max_train_samples < 0 or self.finetune_blocks < 0:
+            raise ConfigError("eval.max_train_samples, eval.finetune_samples and eval.finetune_blocks must be >= 0")
+        if not 0 <= self.finetune_drop_path < 1:
+            raise ConfigError(f"eval.finetune_drop_path={self.finetune_drop_path}: must be in [0, 1)")
+        if self.linear_epochs < 1 or self.finetune_epochs < 1 or self.batch_size < 1 or self.linear_batch < 2:
+            raise ConfigError("eval.linear_epochs, eval.finetune_epochs, eval.batch_size must be >= 1, eval.linear_batch >= 2")
         if not 0 < self.layer_decay <= 1:
             raise ConfigError(f"eval.layer_decay={self.layer_decay}: must be in (0, 1]")
 
