@@ -1,0 +1,1 @@
+"""Training: launch-agnostic distribution, the DeepSpeed engine, the loop, checkpoints and export."""
