@@ -24,8 +24,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    preset: Literal["tiny", "small", "base", "large", "huge"] = "tiny"
-    """Encoder/decoder shape: tiny (ViT-Ti), small (ViT-S), base (ViT-B/16), large (ViT-L/16), huge (ViT-H/14)."""
+    preset: Literal["micro", "tiny", "small", "base", "large", "huge"] = "tiny"
+    """Encoder/decoder shape: micro (128-d x 6 blocks, for CPU runs on small images), tiny (ViT-Ti), small (ViT-S), base (ViT-B/16), large (ViT-L/16), huge (ViT-H/14)."""
     img_size: int = 224
     """Input side in pixels (square); must be divisible by patch_size."""
     patch_size: int = 0

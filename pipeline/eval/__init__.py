@@ -7,6 +7,7 @@
 
 from pipeline.eval.evaluate import evaluate
 from pipeline.eval.reconstruct import reconstruction_grid, reconstruction_series
+from pipeline.eval.report import write_report
 
 
-__all__ = ["evaluate", "reconstruction_grid", "reconstruction_series"]
+__all__ = ["evaluate", "reconstruction_grid", "reconstruction_series", "write_report"]

@@ -132,7 +132,10 @@ def load_pretrained(url: str):
     state = json.loads((ckpt / CLIENT_STATE).read_text())
     cfg = config_from_dict(state["config"])
     model = build_mae(cfg.model)
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    if cfg.train.zero_stage == 0:  # no ZeRO partitions: the module's weights are whole in the model file
+        weights = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    else:
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     real_missing = [k for k in missing if not k.endswith("pos_embed")]  # buffers are rebuilt, not stored
     if real_missing or unexpected:
