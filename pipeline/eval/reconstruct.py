@@ -17,7 +17,8 @@ from data_shards import storage
 from pipeline.model import MAE
 
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
-LABEL_W, HEADER_H, MIN_SIDE = 150, 14, 96
+HEADER = ("original", "masked", "reconstruction", "rec. + visible")  # fits over a 96 px tile
+LABEL_W, HEADER_H, MIN_SIDE = 70, 14, 96
 
 
 def unnormalize_pred(model: MAE, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
@@ -67,7 +68,7 @@ def _grid(rows: list[tuple[str, list[np.ndarray]]], header: list[str]) -> Image.
     canvas = Image.new("RGB", (label_w + ncols * (tw + pad) + pad, top + len(rows) * (th + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)
     for c, text in enumerate(header):
-        draw.text((label_w + pad + c * (tw + pad), 1), text[: max(4, tw // 6)], fill="black")
+        draw.text((label_w + pad + c * (tw + pad), 1), text, fill="black")
     for r, (label, tiles) in enumerate(rows):
         y = top + pad + r * (th + pad)
         if label:
@@ -89,7 +90,7 @@ def reconstruction_grid(model: MAE, images: torch.Tensor, path: str, mean: list[
     """PNG at `path` (local or URL): one row per image, the four COLUMNS side by side."""
     views = reconstruct(model, images, seed)
     rows = [("", [to_uint8(views[col][i], mean, std) for col in COLUMNS]) for i in range(len(images))]
-    return _save(_grid(rows, list(COLUMNS)), path)
+    return _save(_grid(rows, list(HEADER)), path)
 
 
 def reconstruction_series(models: list[tuple[str, MAE]], images: torch.Tensor, path: str, mean: list[float],
