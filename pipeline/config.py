@@ -216,12 +216,12 @@ class EvalConfig:
     """Neighbours voting in kNN."""
     knn_temperature: float = 0.07
     """Temperature of the exp(sim / T) vote weights (DINO's protocol)."""
-    linear_epochs: int = 30
+    linear_epochs: int = 20
     """Epochs of linear-probe training on cached features."""
     linear_lr: float = 0.1
     """Base lr of the probe (LARS-free SGD with momentum 0.9, cosine), scaled by batch/256."""
-    linear_batch: int = 256
-    """Batch size of the linear probe."""
+    linear_batch: int = 1024
+    """Batch size of the linear probe (on cached features: larger batches cost less per epoch)."""
     finetune_epochs: int = 5
     """Epochs of fine-tuning."""
     finetune_blocks: int = 0

@@ -119,6 +119,7 @@ def fmnist_cfg(tmp_path) -> RunConfig:
     cfg.data.mean, cfg.data.std, cfg.data.num_workers = [0.286], [0.353], 0
     cfg.model.img_size, cfg.model.patch_size, cfg.model.in_chans = 32, 8, 1
     cfg.eval.batch_size, cfg.eval.linear_epochs, cfg.eval.finetune_epochs = 64, 5, 1
+    cfg.eval.linear_batch = 64
     return cfg
 
 
