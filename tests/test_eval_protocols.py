@@ -125,7 +125,12 @@ def fmnist_cfg(tmp_path) -> RunConfig:
 
 def test_evaluate_table_with_baselines_on_fashion_mnist(tmp_path):
     cfg = fmnist_cfg(tmp_path)
-    rows = evaluate(small_mae(), cfg, which=("knn", "linear", "finetune"), baselines=True)
+    model = small_mae().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = evaluate(model, cfg, which=("knn", "linear", "finetune"), baselines=True)
+    # the caller's model is untouched: same weights, still trainable, still in train mode
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training and all(p.requires_grad for p in model.parameters())
     got = {(r["encoder"], r["protocol"].split()[0]) for r in rows}
     assert got == {(e, p) for e in ("mae", "raw_pixels", "random_init") for p in ("knn", "linear")} | {
         ("mae", "finetune"), ("scratch", "finetune")}

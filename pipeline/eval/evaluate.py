@@ -46,7 +46,22 @@ def _frozen(cfg: RunConfig, model: MAE | None, baselines: bool) -> dict[str, tor
 def evaluate(model: MAE | None, cfg: RunConfig, which: tuple[str, ...] = ("knn", "linear"),
              baselines: bool = True, seed: int = 0) -> list[dict]:
     """Run the protocols in `which` on the MAE encoder (if given) and, with `baselines`, on raw
-    pixels and a random-init encoder (kNN, linear) or a from-scratch ViT (fine-tuning)."""
+    pixels and a random-init encoder (kNN, linear) or a from-scratch ViT (fine-tuning).
+
+    The model comes back as it came (probing freezes it; fine-tuning works on a copy), so a
+    training loop may call this between steps."""
+    if model is None:
+        return _evaluate(None, cfg, which, baselines, seed)
+    grads, mode = [p.requires_grad for p in model.parameters()], model.training
+    try:
+        return _evaluate(model, cfg, which, baselines, seed)
+    finally:
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
+        model.train(mode)
+
+
+def _evaluate(model: MAE | None, cfg: RunConfig, which: tuple[str, ...], baselines: bool, seed: int) -> list[dict]:
     unknown = set(which) - set(PROTOCOLS)
     if unknown:
         raise ValueError(f"unknown protocol(s) {sorted(unknown)}; accepted: {', '.join(PROTOCOLS)}")
