@@ -122,6 +122,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def train(cfg: RunConfig) -> int:
+    stop = StopFlag(cfg.train.time_limit_minutes * 60)  # first: a notice during startup must not kill us
     dist = distributed.init(cfg.train.dist_timeout_s)
     run_dir = cfg.run_dir
     resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, run_dir, cfg.checkpoint.upload_url)
@@ -149,7 +150,6 @@ def train(cfg: RunConfig) -> int:
     peak, warmup = peak_lr(cfg.optim, effective_batch), warmup_steps(cfg.optim, t.steps)
     dtype = DTYPES[t.precision]
     flops_img, peak_tf = mae_flops_per_image(cfg.model), peak_tflops(t.peak_tflops, t.precision)
-    stop = StopFlag(t.time_limit_minutes * 60)
     sink = MetricsSink(run_dir, t.steps, step) if dist.is_main else None
     uploader = (checkpoint.Uploader(run_dir / "checkpoints", cfg.checkpoint.upload_url, cfg.checkpoint.keep_last,
                                     cfg.checkpoint.keep_every) if dist.is_main and cfg.checkpoint.upload_url else None)
@@ -177,16 +177,17 @@ def train(cfg: RunConfig) -> int:
         if not result.skipped:
             interval_losses.append(result.loss)
         if samples_log:
-            samples_log.write(json.dumps({"step": step, "ids": result.ids}) + "\n")
+            samples_log.write(json.dumps({"step": step, "epoch": loader.epoch, "ids": result.ids}) + "\n")
             samples_log.flush()
         if sink:
             sink.advance(step, result.loss)
 
         # sync point: one all-reduce tells every rank whether to stop or save now
         minutes_due = cfg.checkpoint.every_minutes and time.monotonic() - last_save > cfg.checkpoint.every_minutes * 60
-        stop_now, save_now = distributed.mean_across(
-            [float(stop.signal is not None or stop.out_of_time), float(bool(minutes_due))], dist.device)
-        stop_now = stop_now > 0
+        signalled, out_of_time, save_now = distributed.mean_across(
+            [float(stop.signal is not None), float(stop.out_of_time), float(bool(minutes_due))], dist.device)
+        preempted = signalled > 0  # one rank's notice stops them all, with the requeue code on each
+        stop_now = preempted or out_of_time > 0
         save_now = save_now > 0 or bool(cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
 
         if step % t.log_every == 0 or step == t.steps or stop_now:
@@ -219,7 +220,6 @@ def train(cfg: RunConfig) -> int:
                 uploader.submit(tag)
             last_save = time.monotonic()
         if stop_now:
-            preempted = stop.signal is not None
             log.info("stopping at step %d: %s", step, "preemption signal" if preempted else "time limit")
             exit_code = EXIT_REQUEUE if preempted else EXIT_OK
             break
