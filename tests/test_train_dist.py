@@ -161,3 +161,15 @@ def test_changed_model_is_refused(data, tmp_path):
                           env=subprocess_env())
     assert done.returncode == 2
     assert "model.mask_ratio: 0.75 -> 0.5" in done.stderr
+
+
+@pytest.mark.integration
+def test_ray_train_workers_match_torchrun(data, reference, tmp_path):
+    """jobs/train_ray.py: two Ray Train CPU workers (gloo) run the same training as torchrun's two ranks."""
+    root, manifest = data
+    cfg = write_config(root / "ray.toml", manifest, root / "runs", "ray", STEPS, 2)
+    env = subprocess_env(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_ADDRESS="")
+    done = subprocess.run([sys.executable, "-m", "jobs.train_ray", "--config", str(cfg), "--workers", "2"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert losses(root / "runs" / "ray") == reference(2)
