@@ -9,6 +9,7 @@ import os
 import random
 import resource
 import signal
+import threading
 import time
 
 import numpy as np
@@ -42,8 +43,11 @@ class StopFlag:
     def __init__(self, time_limit_s: float):
         self.signal: int | None = None
         self.deadline = time.monotonic() + time_limit_s if time_limit_s > 0 else None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGUSR1, signal.SIGTERM):
+                signal.signal(sig, self._handle)
+        else:  # Ray Train runs the loop in a worker thread: Python lets only the main thread take signals
+            log.info("not the main thread: SIGUSR1/SIGTERM are left to the host process (time limit still applies)")
 
     def _handle(self, signum, _frame):
         self.signal = signum
