@@ -76,9 +76,9 @@ def init(timeout_s: float = 300.0) -> DistInfo:
         device, backend = torch.device("cpu"), "gloo"
     # the shared-memory comm op JIT-compiles for ~75 s on first use and brings nothing on CPU tests
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+    # a group made by the launcher (Ray Train) is adopted as is; else this creates it with our timeout
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device, launcher)
 
 
