@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from data_shards import storage
-from data_shards.build import PROGRESS_DIR, progress_url
+from data_shards.build import PROGRESS_DIR
 from data_shards.executors import EXECUTORS
 from data_shards.images import ImageOptions
 from data_shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, manifest_url, read_manifest, write_manifest
@@ -237,7 +237,6 @@ def run_shard(src: str, dest: str, options: ShardOptions | None = None) -> Manif
     _cleanup(dest)
     elapsed = time.perf_counter() - t0
     total = sum(s.samples for shards in splits.values() for s in shards)
-    nbytes = sum(s.bytes for shards in splits.values() for s in shards)
     log.info("wrote %d samples in %d shards to %s (%s); rejected %d (listed in %s); %.1fs, %.0f img/s, %.1f MiB/s",
              total, sum(len(v) for v in splits.values()), dest,
              ", ".join(f"{k} {sum(s.samples for s in v)}" for k, v in splits.items()), len(rejected),

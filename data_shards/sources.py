@@ -257,8 +257,11 @@ def list_tars(src: str, tar_paths: list[str], fs) -> Listing:
     items, rejected = [], []
     for url, split in tars:
         tfs, tpath = storage.filesystem(url)
-        with tfs.open(tpath, "rb", block_size=8 << 20) as f:
-            samples = scan_tar(f, url)
+        try:
+            with tfs.open(tpath, "rb", block_size=8 << 20) as f:
+                samples = scan_tar(f, url)
+        except ValueError as err:  # unsafe member names, or not a tar
+            raise SourceError(str(err)) from err
         for s in samples:
             if not image_ext(s.exts):
                 rejected.append({"source": f"{url}#{s.key}", "reason": f"no image in sample (has {', '.join(s.exts)})"})
