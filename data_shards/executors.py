@@ -26,10 +26,8 @@ def run_local(dest: str, specs: list[ShardSpec], opts: ImageOptions, workers: in
         for spec in specs:
             on_done(build_shard(dest, spec, opts))
         return
-    # fork starts workers in milliseconds and works for scripts without a main guard; it is safe for
-    # storage because fsspec drops its cached filesystems and event loop in a forked child
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(min(workers, len(specs)), mp_context=context) as pool:
+    # spawn, not fork: a forked child inherits s3fs sessions bound to the parent's event loop and hangs
+    with ProcessPoolExecutor(min(workers, len(specs)), mp_context=multiprocessing.get_context("spawn")) as pool:
         # keep a bounded number in flight so that the items of a huge plan are pickled as needed
         queue = iter(specs)
         pending = {pool.submit(build_shard, dest, spec, opts) for spec in islice(queue, 2 * workers)}

@@ -143,10 +143,13 @@ def check_dest_state(dest: str, fp: str, resume: bool) -> tuple[Manifest | None,
         return None, record
     fs, path = storage.filesystem(dest)
     if fs.isdir(path):
-        others = [p for p in fs.ls(path, detail=False) if not _ours(p.rstrip("/").rsplit("/", 1)[-1])]
+        # object stores may list a folder marker for the folder itself: not content
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False, refresh=True)
+                 if p.rstrip("/") != path.rstrip("/")]
+        others = [n for n in names if not _ours(n)]
         if others:
             raise ConfigError(f"destination {dest} is not empty and holds no maepipe dataset (it has "
-                              f"{others[0].rsplit('/', 1)[-1]}, ...): choose an empty DEST")
+                              f"{others[0]}, ...): choose an empty DEST")
     return None, None
 
 
@@ -169,7 +172,12 @@ def _cleanup(dest: str) -> None:
         p = f"{path.rstrip('/')}/{name}"
         if fs.exists(p):
             fs.rm(p, recursive=True)
-    if not storage.is_remote(dest):
+    if storage.is_remote(dest):
+        fs.invalidate_cache()
+        if fs.exists(f"{path.rstrip('/')}/{PROGRESS_DIR}"):
+            # some object stores (SeaweedFS) keep an emptied folder as a 'name/' marker object
+            fs.rm_file(f"{path.rstrip('/')}/{PROGRESS_DIR}/")
+    else:
         for p in fs.glob(f"{path.rstrip('/')}/*/*.tmp-*"):
             fs.rm(p)
 

@@ -23,8 +23,8 @@ def photo_crops(n: int, seed: int = 0, size: tuple[int, int] = (48, 64)) -> list
     out = []
     for i in range(n):
         photo = photos[i % len(photos)]
-        y = int(rng.integers(0, photo.shape[0] - size[0]))
-        x = int(rng.integers(0, photo.shape[1] - size[1]))
+        y = int(rng.integers(0, photo.shape[0] - size[0] + 1))
+        x = int(rng.integers(0, photo.shape[1] - size[1] + 1))
         out.append(np.ascontiguousarray(photo[y:y + size[0], x:x + size[1], :3]))
     return out
 
