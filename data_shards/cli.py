@@ -46,6 +46,8 @@ def add_parser(subparsers) -> None:
     g.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
     g.add_argument("--lossless", action="store_true", default=None,
                    help="store PNG (default: PNG for idx sources, JPEG otherwise)")
+    g.add_argument("--decode-check", action="store_true",
+                   help="fully decode JPEGs copied unchanged (slower; default checks header and end marker)")
     g.add_argument("--seed", type=int, default=0, help="seed of the val draw and the global shuffle")
     g.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep source order")
     g.add_argument("--val-fraction", type=float, default=0.0,
@@ -85,7 +87,8 @@ def run_shard_cli(args) -> int:
 
     options = ShardOptions(
         shard_samples=args.shard_samples, shard_bytes=args.shard_bytes, max_side=args.max_side,
-        resize_side=args.resize_side, quality=args.quality, lossless=args.lossless, seed=args.seed,
+        resize_side=args.resize_side, quality=args.quality, lossless=args.lossless,
+        decode_check=args.decode_check, seed=args.seed,
         shuffle=args.shuffle, val_fraction=args.val_fraction,
         classes=[c.strip() for c in args.classes.split(",")] if args.classes else [],
         executor=args.executor, workers=args.workers, ray_address=args.ray_address, resume=args.resume,

@@ -1,7 +1,8 @@
 """Source image -> the bytes stored in a shard: copy when already fine, else resize and re-encode.
 
-A JPEG within the size bound is copied byte for byte (after a full decode, so that a truncated or
-corrupt file is caught here rather than in training). Anything else is decoded, shrunk so that the
+A JPEG within the size bound is copied byte for byte once its header parses and it ends with the
+EOI marker (so a truncated file is caught here rather than in training; --decode-check decodes it
+fully as well). Anything else is decoded, shrunk so that the
 chosen side is at most `max_side`, and encoded as JPEG at `quality` (simplejpeg), or PNG when
 lossless output is asked.
 """
@@ -30,6 +31,8 @@ class ImageOptions:
     """Which side max_side bounds: 'longer' or 'shorter'."""
     quality: int = 90
     lossless: bool = False
+    decode_check: bool = False
+    """Fully decode JPEGs that are copied as they are (catches corrupt scan data, not only truncation)."""
 
 
 def target_size(width: int, height: int, opts: ImageOptions) -> tuple[int, int]:
@@ -94,7 +97,10 @@ def encode_image(data: bytes, opts: ImageOptions) -> tuple[str, bytes]:
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
             if target_size(width, height, opts) == (width, height):
-                simplejpeg.decode_jpeg(data, colorspace="RGB")  # catches truncation and corrupt scans
+                # a whole JPEG ends with the EOI marker; a truncated one does not. Files without it
+                # at the end (odd but maybe valid) and --decode-check get a full decode to decide.
+                if opts.decode_check or not data.rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):
+                    simplejpeg.decode_jpeg(data, colorspace="RGB")
                 return "jpg", data
         except ValueError as err:
             jpeg_error = err  # CMYK/unusual JPEGs, or corrupt ones: PIL below decides which

@@ -45,6 +45,8 @@ class ShardOptions:
     """JPEG quality for re-encoded images, 1-100 (--quality)."""
     lossless: bool | None = None
     """Store PNG instead of JPEG (--lossless); None: PNG for raw-pixel sources (idx), JPEG otherwise."""
+    decode_check: bool = False
+    """Fully decode JPEGs that are copied unchanged (--decode-check); else header + end-marker checks only."""
     seed: int = 0
     """Seed of the val draw and the global shuffle (--seed)."""
     shuffle: bool = True
@@ -225,7 +227,8 @@ def run_shard(src: str, dest: str, options: ShardOptions | None = None) -> Manif
         shard = record["shard"] or {"samples": 0, "bytes": 0}
         progress.update(shard["samples"], shard["bytes"], len(record["rejected"]))
 
-    image_opts = ImageOptions(options.max_side, options.resize_side, options.quality, lossless)
+    image_opts = ImageOptions(options.max_side, options.resize_side, options.quality, lossless,
+                              options.decode_check)
     try:
         EXECUTORS[options.executor](dest, todo, image_opts, options.workers, on_done, options.ray_address)
     finally:

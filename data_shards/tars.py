@@ -91,8 +91,17 @@ def image_ext(exts: list[str]) -> str:
 
 
 def parse_samples(data: bytes, url: str = "") -> list[dict]:
-    """Tar bytes (whole samples) -> [{'__key__', ext: bytes, ...}] in file order."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-    files = ({**f, "__url__": url} for f in tar_file_iterator(io.BytesIO(data)))
-    return list(group_by_keys(files))
+    """Tar bytes (whole samples) -> [{'__key__', '__url__', ext: bytes, ...}] in file order, grouped
+    by webdataset's key rule (stdlib tarfile: no webdataset/torch import in workers)."""
+    samples: list[dict] = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            check_name(member.name, url)
+            match = KEY_EXT.match(member.name) if member.isfile() else None
+            if not match:
+                continue
+            key, ext = match.groups()
+            if not samples or samples[-1]["__key__"] != key:
+                samples.append({"__key__": key, "__url__": url})
+            samples[-1][ext] = tar.extractfile(member).read()
+    return samples
