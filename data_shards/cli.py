@@ -58,6 +58,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--workers", type=int, default=0, help="local processes or Ray tasks in flight; 0: one per CPU")
     g.add_argument("--ray-address", default="", help="Ray cluster for --executor ray (default: RAY_ADDRESS or a new local one)")
     g.add_argument("--resume", action="store_true", help="finish an interrupted run in DEST")
+    g.add_argument("--group", default="", metavar="I/N",
+                   help="build only the I-th of N groups of the planned shards (Slurm array tasks); "
+                        "then one run with --resume writes the manifest")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or lines")
     v = p.add_argument_group("verify DEST")
     v.add_argument("--decode", action="store_true", help="also decode every image")
@@ -83,7 +86,7 @@ def handle(args) -> int:
 
 
 def run_shard_cli(args) -> int:
-    from data_shards.shard import ShardOptions, run_shard
+    from data_shards.shard import ShardOptions, build_group, run_shard
 
     options = ShardOptions(
         shard_samples=args.shard_samples, shard_bytes=args.shard_bytes, max_side=args.max_side,
@@ -94,6 +97,13 @@ def run_shard_cli(args) -> int:
         executor=args.executor, workers=args.workers, ray_address=args.ray_address, resume=args.resume,
         progress=args.progress)
     src, dest = args.targets
+    if args.group:
+        index, _, count = args.group.partition("/")
+        if not (index.isdigit() and count.isdigit() and int(count) > 0):
+            raise ConfigError(f"--group must look like I/N, e.g. 3/16 (got {args.group!r})")
+        built = build_group(src, dest, int(index), int(count), options)
+        print(f"group {args.group}: {built} shards built; finish with `maepipe shard {src} {dest} --resume`")
+        return 0
     manifest = run_shard(src, dest, options)
     for split, shards in manifest.splits.items():
         print(f"{split}: {sum(s.samples for s in shards)} samples in {len(shards)} shards, "

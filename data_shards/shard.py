@@ -21,9 +21,9 @@ from data_shards.build import PROGRESS_DIR
 from data_shards.executors import EXECUTORS
 from data_shards.images import ImageOptions
 from data_shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, manifest_url, read_manifest, write_manifest
-from data_shards.plan import fingerprint, make_plan
+from data_shards.plan import ShardSpec, fingerprint, make_plan
 from data_shards.progress import Progress
-from data_shards.sources import SourceError, list_source
+from data_shards.sources import Listing, SourceError, list_source
 from pipeline.config import ConfigError
 
 log = logging.getLogger("data_shards")
@@ -160,7 +160,7 @@ def _done_records(dest: str) -> dict[str, dict]:
     if not fs.isdir(path):
         return {}
     records = {}
-    for p in fs.ls(path, detail=False):
+    for p in fs.ls(path, detail=False, refresh=True):
         if p.endswith(".json"):
             record = json.loads(storage.read_bytes(storage.join(dest, PROGRESS_DIR, p.rsplit("/", 1)[-1])))
             records[record["name"]] = record
@@ -184,18 +184,32 @@ def _cleanup(dest: str) -> None:
             fs.rm(p)
 
 
-def run_shard(src: str, dest: str, options: ShardOptions | None = None) -> Manifest:
-    """Shard SRC into DEST (see the module doc); returns the manifest written to DEST/manifest.json.
+@dataclass
+class Run:
+    """A planned run in DEST: what prepare() found and decided, shared by run_shard and build_group."""
+    src: str
+    dest: str
+    options: ShardOptions
+    listing: Listing
+    specs: list[ShardSpec]
+    recorded: dict
+    fingerprint: str
+    created: str
+    records: dict[str, dict]
+    """Done-records of the shards already built (name -> record)."""
+    finished: Manifest | None = None
+    """DEST already holds this very dataset."""
+    t0: float = field(default_factory=time.perf_counter)
 
-    Raises ConfigError for a bad option, a missing source, an unwritable DEST or a DEST holding
-    something else, all before any shard is written.
-    """
-    options = options or ShardOptions()
+
+def prepare(src: str, dest: str, options: ShardOptions, share: bool = False) -> Run:
+    """Check SRC and DEST, list, plan, and record the plan in DEST. share=True (array tasks) joins an
+    unfinished run of the same plan without --resume, since the other tasks of the array write it too."""
     options.check()
     src, dest = src.rstrip("/"), dest.rstrip("/")
+    t0 = time.perf_counter()
     check_source(src)
     check_writable(dest)
-    t0 = time.perf_counter()
     try:
         listing = list_source(src, need_sizes=options.shard_bytes > 0)
     except SourceError as err:
@@ -207,50 +221,99 @@ def run_shard(src: str, dest: str, options: ShardOptions | None = None) -> Manif
     fp = fingerprint(specs, src, recorded)
     log.info("%s: %s source, %d items (%d refused while listing) -> %d shards, planned in %.1fs", src,
              listing.kind, len(listing.items), len(listing.rejected), len(specs), time.perf_counter() - t0)
-    finished, unfinished = check_dest_state(dest, fp, options.resume)
-    if finished is not None:
-        log.info("%s already holds this dataset (same source, options and plan): nothing to do", dest)
-        _cleanup(dest)
-        return finished
-    created = unfinished["created"] if unfinished else _now()
-    storage.write_atomic(storage.join(dest, PLAN_NAME), json.dumps(
-        {"fingerprint": fp, "created": created, "source": src, "options": recorded}).encode())
+    finished, unfinished = check_dest_state(dest, fp, options.resume or share)
+    run = Run(src, dest, options, listing, specs, recorded, fp, unfinished["created"] if unfinished else _now(),
+              {}, finished, t0)
+    if finished is None:
+        if unfinished is None:
+            storage.write_atomic(storage.join(dest, PLAN_NAME), json.dumps(
+                {"fingerprint": fp, "created": run.created, "source": src, "options": recorded}).encode())
+        else:
+            run.records = _done_records(dest)
+    return run
 
-    records = {name: r for name, r in _done_records(dest).items()} if unfinished else {}
-    todo = [s for s in specs if s.name not in records]
-    if records:
-        log.info("resuming: %d of %d shards already done, building %d", len(specs) - len(todo), len(specs), len(todo))
-    progress = Progress(len(todo), sum(len(s.items) for s in todo), enabled=options.progress)
+
+def build(run: Run, specs: list[ShardSpec]) -> Progress:
+    """Build the given shards that have no done-record yet, with the run's executor."""
+    todo = [s for s in specs if s.name not in run.records]
+    if len(todo) < len(specs):
+        log.info("resuming: %d of %d shards already done, building %d", len(specs) - len(todo), len(specs),
+                 len(todo))
+    progress = Progress(len(todo), sum(len(s.items) for s in todo), enabled=run.options.progress)
 
     def on_done(record: dict) -> None:
-        records[record["name"]] = record
+        run.records[record["name"]] = record
         shard = record["shard"] or {"samples": 0, "bytes": 0}
         progress.update(shard["samples"], shard["bytes"], len(record["rejected"]))
 
-    image_opts = ImageOptions(options.max_side, options.resize_side, options.quality, lossless,
-                              options.decode_check)
+    opts = run.options
+    image_opts = ImageOptions(opts.max_side, opts.resize_side, opts.quality, run.recorded["lossless"],
+                              opts.decode_check)
     try:
-        EXECUTORS[options.executor](dest, todo, image_opts, options.workers, on_done, options.ray_address)
+        EXECUTORS[opts.executor](run.dest, todo, image_opts, opts.workers, on_done, opts.ray_address)
     finally:
         progress.close()
+    return progress
 
+
+def finalize(run: Run, progress: Progress | None = None) -> Manifest:
+    """rejected.jsonl, then the manifest (last, atomic), then remove the scratch files."""
     splits: dict[str, list[ShardInfo]] = {}
-    rejected = list(listing.rejected)
-    for spec in specs:
-        record = records[spec.name]
+    rejected = list(run.listing.rejected)
+    for spec in run.specs:
+        record = run.records[spec.name]
         if record["shard"]:
             splits.setdefault(spec.split, []).append(ShardInfo(**record["shard"]))
         rejected += record["rejected"]
-    storage.write_atomic(storage.join(dest, REJECTED_NAME),
+    storage.write_atomic(storage.join(run.dest, REJECTED_NAME),
                          "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected).encode())
-    manifest = Manifest(splits, options.classes or listing.classes, src, {**recorded, "fingerprint": fp}, created)
-    manifest.url = write_manifest(dest, manifest)
-    _cleanup(dest)
-    elapsed = time.perf_counter() - t0
-    total = sum(s.samples for shards in splits.values() for s in shards)
+    manifest = Manifest(splits, run.options.classes or run.listing.classes, run.src,
+                        {**run.recorded, "fingerprint": run.fingerprint}, run.created)
+    manifest.url = write_manifest(run.dest, manifest)
+    _cleanup(run.dest)
+    elapsed = time.perf_counter() - run.t0
+    images, nbytes = (progress.images, progress.bytes) if progress else (0, 0)
     log.info("wrote %d samples in %d shards to %s (%s); rejected %d (listed in %s); %.1fs, %.0f img/s, %.1f MiB/s",
-             total, sum(len(v) for v in splits.values()), dest,
+             sum(s.samples for v in splits.values() for s in v), sum(len(v) for v in splits.values()), run.dest,
              ", ".join(f"{k} {sum(s.samples for s in v)}" for k, v in splits.items()), len(rejected),
-             storage.join(dest, REJECTED_NAME), elapsed, progress.images / max(elapsed, 1e-9),
-             progress.bytes / max(elapsed, 1e-9) / 2**20)
+             storage.join(run.dest, REJECTED_NAME), elapsed, images / max(elapsed, 1e-9),
+             nbytes / max(elapsed, 1e-9) / 2**20)
     return manifest
+
+
+def run_shard(src: str, dest: str, options: ShardOptions | None = None) -> Manifest:
+    """Shard SRC into DEST (see the module doc); returns the manifest written to DEST/manifest.json.
+
+    Raises ConfigError for a bad option, a missing source, an unwritable DEST or a DEST holding
+    something else, all before any shard is written.
+    """
+    run = prepare(src, dest, options or ShardOptions())
+    if run.finished is not None:
+        log.info("%s already holds this dataset (same source, options and plan): nothing to do", run.dest)
+        _cleanup(run.dest)
+        return run.finished
+    return finalize(run, build(run, run.specs))
+
+
+def group_specs(specs: list[ShardSpec], index: int, count: int) -> list[ShardSpec]:
+    """The index-th of count contiguous, near-equal groups of the planned shards."""
+    lo, hi = len(specs) * index // count, len(specs) * (index + 1) // count
+    return specs[lo:hi]
+
+
+def build_group(src: str, dest: str, index: int, count: int, options: ShardOptions | None = None) -> int:
+    """Build only group index/count of the plan (a Slurm array task); returns how many shards it holds.
+
+    Every task plans the same shards, so the groups partition them; once all tasks are done,
+    `run_shard(..., resume=True)` (or `maepipe shard SRC DEST --resume`) writes the manifest.
+    """
+    if not 0 <= index < count:
+        raise ConfigError(f"--group {index}/{count}: the index must be in 0..{count - 1}")
+    run = prepare(src, dest, options or ShardOptions(), share=True)
+    if run.finished is not None:
+        return 0
+    mine = group_specs(run.specs, index, count)
+    build(run, mine)
+    log.info("group %d/%d: %d shards done; when every group is, finish with `maepipe shard %s %s --resume`",
+             index, count, len(mine), run.src, run.dest)
+    return len(mine)
