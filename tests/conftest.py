@@ -40,5 +40,15 @@ def s3_bucket(seaweedfs):
 
 
 @pytest.fixture(scope="session")
+def ray_head():
+    """A real `ray start --head` cluster on 127.0.0.1 (free ports, own temp dir) for job submission."""
+    from tests.servers import start_ray_head
+
+    head = start_ray_head(subprocess_env())
+    yield head
+    head.stop()
+
+
+@pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable
