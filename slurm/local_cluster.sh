@@ -142,7 +142,11 @@ start() {
     write_munge_key
     write_conf
     "$(sbin munged)" --key-file="$MUNGE_DIR/munge.key" --socket="$SOCKET" --pid-file="$MUNGE_DIR/munged.pid" \
-        --log-file="$MUNGE_DIR/munged.log" --seed-file="$MUNGE_DIR/munged.seed"
+        --log-file="$MUNGE_DIR/munged.log" --seed-file="$MUNGE_DIR/munged.seed" || {
+        echo "local_cluster.sh: munged did not start (log: $MUNGE_DIR/munged.log); it needs every folder" \
+             "above $MUNGE_DIR to be searchable by all users (chmod o+x), so pick a STATE_DIR such as /tmp/NAME" >&2
+        exit 1
+    }
     "$(sbin slurmctld)" -f "$CONF"
     "$(sbin slurmd)" -f "$CONF" -N "$NODE"
     wait_idle
