@@ -136,6 +136,26 @@ def test_train_preempted_requeues_and_resumes(slurm, tmp_path):
     assert got[steps] < got[1]  # and it learned something
 
 
+@pytest.mark.dist
+def test_train_notice_during_startup_still_requeues(slurm, tmp_path):
+    """A notice that comes while the tasks still import and connect (no handler, no checkpoint yet)."""
+    manifest = write_small_dataset(str(tmp_path / "shards"), {"train": [64]})
+    log = tmp_path / "early.log"
+    job = sbatch(slurm, "--ntasks=2", f"--output={log}", "slurm/train.sbatch", f"data.manifest={manifest}",
+                 "data.batch_size=16", "data.num_workers=0", "train.steps=4", "train.time_limit_minutes=0",
+                 f"out_dir={tmp_path / 'runs'}", "name=early")
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not (log.exists() and " run 1 on " in log.read_text()):
+        assert time.monotonic() < deadline, "job never started"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm, check=True, timeout=60)
+    info = wait_job(slurm, job)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and int(info["Restarts"]) == 1, text
+    assert f"requeueing job {job}" in text and " run 2 on " in text, text
+    assert json.loads((tmp_path / "runs" / "early" / "train_summary.json").read_text()) == {"steps": 4, "exit_code": 0}
+
+
 def test_ray_cluster_runs_driver(slurm, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(
