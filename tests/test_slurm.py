@@ -95,7 +95,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 @pytest.mark.dist
 def test_train_preempted_requeues_and_resumes(slurm, tmp_path):
     manifest = write_small_dataset(str(tmp_path / "shards"), {"train": [100, 100, 100]})
-    steps = 30
+    steps = 24
     common = [f"data.manifest={manifest}", "data.batch_size=16", "data.num_workers=1", f"train.steps={steps}",
               "train.log_every=1", "train.time_limit_minutes=0", "checkpoint.every_minutes=0",
               f"out_dir={tmp_path / 'runs'}"]
