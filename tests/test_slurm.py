@@ -141,9 +141,14 @@ def test_train_notice_during_startup_still_requeues(slurm, tmp_path):
     """A notice that comes while the tasks still import and connect (no handler, no checkpoint yet)."""
     manifest = write_small_dataset(str(tmp_path / "shards"), {"train": [64]})
     log = tmp_path / "early.log"
-    job = sbatch(slurm, "--ntasks=2", f"--output={log}", "slurm/train.sbatch", f"data.manifest={manifest}",
-                 "data.batch_size=16", "data.num_workers=0", "train.steps=4", "train.time_limit_minutes=0",
-                 f"out_dir={tmp_path / 'runs'}", "name=early")
+    # submitted the other way users have: `maepipe submit slurm train`
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "submit", "slurm", "train", "--ntasks-per-node", "2", "--output", str(log),
+         "--config", "configs/demo.toml", f"data.manifest={manifest}", "data.batch_size=16", "data.num_workers=0",
+         "train.steps=4", "train.time_limit_minutes=0", f"out_dir={tmp_path / 'runs'}", "name=early"],
+        env=slurm, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    job = re.search(r"as job (\d+)", out.stdout).group(1)
     deadline = time.monotonic() + HANG_GUARD_S
     while not (log.exists() and " run 1 on " in log.read_text()):
         assert time.monotonic() < deadline, "job never started"
