@@ -97,7 +97,7 @@ def test_train_preempted_requeues_and_resumes(slurm, tmp_path):
     manifest = write_small_dataset(str(tmp_path / "shards"), {"train": [100, 100, 100]})
     steps = 24
     common = [f"data.manifest={manifest}", "data.batch_size=16", "data.num_workers=1", f"train.steps={steps}",
-              "train.log_every=1", "train.time_limit_minutes=0", "checkpoint.every_minutes=0",
+              "train.log_every=1", "checkpoint.every_minutes=0",
               f"out_dir={tmp_path / 'runs'}"]
     log = tmp_path / "preempted.log"
     # 1 node x 2 tasks, gloo on CPU; the notice comes from scancel below, not from a time limit
