@@ -169,35 +169,36 @@ def test_ray_cluster_runs_driver(slurm, tmp_path):
         "square = ray.remote(lambda x: x * x)\n"
         "print('RESULT', sum(ray.get([square.remote(i) for i in range(10)])), 'NODES', len(ray.nodes()))\n")
     log = tmp_path / "ray.log"
-    env = dict(slurm, RAY_OBJECT_STORE_BYTES=str(200 * 2**20))
+    # short (Ray's socket paths must fit 107 bytes) and unique (another test session may have a job of the same id)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-"))
+    env = dict(slurm, RAY_OBJECT_STORE_BYTES=str(200 * 2**20), RAY_TMP=str(ray_tmp))
     job = sbatch(env, "--cpus-per-task=2", f"--output={log}", "slurm/ray_cluster.sbatch", sys.executable, str(driver))
     info = wait_job(slurm, job)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
     assert "Ray cluster of 1 node(s) at 127.0.0.1:" in text
     assert "RESULT 285 NODES 1" in text
-    assert not Path(f"/tmp/ray-{job}").exists()  # torn down with the job
+    assert not ray_tmp.exists()  # torn down with the job
 
 
 def test_ray_cluster_driver_failure_fails_job(slurm, tmp_path):
     log = tmp_path / "ray.log"
-    env = dict(slurm, RAY_OBJECT_STORE_BYTES=str(200 * 2**20))
+    env = dict(slurm, RAY_OBJECT_STORE_BYTES=str(200 * 2**20), RAY_TMP=tempfile.mkdtemp(prefix="ray-"))
     job = sbatch(env, f"--output={log}", "slurm/ray_cluster.sbatch", sys.executable, "-c",
                  "import ray, sys; ray.init(); sys.exit(3)")
     info = wait_job(slurm, job)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0", log.read_text()
 
 
-def _shard_cli_has_task_options(env: dict) -> bool:
+def _shard_cli_has_groups(env: dict) -> bool:
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "shard", "--help"], env=env, capture_output=True,
                          text=True, timeout=120)
-    return out.returncode == 0 and "--task-index" in out.stdout and "--task-count" in out.stdout
+    return out.returncode == 0 and "--group" in out.stdout
 
 
 def test_shard_array_builds_shares_then_manifest(slurm, tmp_path):
-    if not _shard_cli_has_task_options(slurm):
-        pytest.skip("`maepipe shard` has no --task-index/--task-count yet (data_shards/cli.py): "
-                    "slurm/shard_array.sbatch needs them")
+    if not _shard_cli_has_groups(slurm):
+        pytest.skip("`maepipe shard` has no --group I/N here (branch shards adds it): slurm/shard_array.sbatch needs it")
     # an image folder: class subfolders become labels
     images, labels = fashion_arrays("train", 60)
     for i, (image, label) in enumerate(zip(images, labels)):
