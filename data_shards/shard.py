@@ -121,7 +121,7 @@ def check_writable(dest: str) -> None:
 
 
 def _ours(name: str) -> bool:
-    return name in (MANIFEST_NAME, PLAN_NAME, PROGRESS_DIR, REJECTED_NAME) or name.startswith("_probe-")
+    return name in (MANIFEST_NAME, PLAN_NAME, PROGRESS_DIR, REJECTED_NAME) or name.startswith(("_probe-", PLAN_NAME + ".tmp-"))
 
 
 def check_dest_state(dest: str, fp: str, resume: bool) -> tuple[Manifest | None, dict | None]:
