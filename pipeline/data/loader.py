@@ -93,10 +93,14 @@ class StreamingLoader:
     def epoch_batches(self):
         """The batches left in the current epoch (for evaluation: one pass, then stop)."""
         plan = self.plan()
+        if self.batches_done >= plan.batches_per_rank:
+            return
         it = iter(self._dataloader(plan))
         while self.batches_done < plan.batches_per_rank:
             start = time.perf_counter()
-            batch = next(it)
+            batch = next(it, None)
+            if batch is None:  # remainder=keep: this rank's share ended a batch early
+                break
             self.metrics["wait_s"] += time.perf_counter() - start
             self.batches_done += 1
             for key in ("bytes", "retries", "skipped"):
