@@ -2,17 +2,41 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import fsspec
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from data_shards import storage
 from data_shards.manifest import Manifest, decode_index
 
 log = logging.getLogger(__name__)
+_INHERITED: list = []
+
+
+def _keep_inherited_filesystems() -> None:
+    """In a forked child (a DataLoader worker), keep the parent's cached fsspec instances alive.
+
+    An s3fs instance's finalizer closes its aiohttp session through the event loop it was made on.
+    Run in a forked child, that is the parent's loop, whose epoll set the child shares: the parent's
+    pooled S3 connections stop being watched and its next request hangs until the read timeout
+    (15 s each, seen here). So the child never finalizes what it inherited: reachable instances are
+    pinned here (fsspec drops them from its cache in the child), and unreachable ones are collected
+    by the parent just before the fork (gc.collect below). The child makes its own clients.
+    """
+    todo = [fsspec.AbstractFileSystem]
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        _INHERITED.extend(vars(cls).get("_cache", {}).values())
+
+
+os.register_at_fork(before=gc.collect, after_in_child=_keep_inherited_filesystems)
 
 
 def parse_tar(data: bytes, url: str = "") -> list[dict]:
