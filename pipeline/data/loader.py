@@ -29,6 +29,15 @@ EMPTY_METRICS = {"samples": 0, "bytes": 0, "retries": 0, "skipped": 0, "wait_s":
 SKIP_GRACE = 1000  # samples; see _check_skips
 
 
+def channel_stats(values: list[float], channels: int, name: str) -> tuple[float, ...]:
+    """One normalization value per channel; RGB statistics on a grayscale model become their mean."""
+    if len(values) == channels:
+        return tuple(values)
+    if channels == 1:
+        return (sum(values) / len(values),)
+    raise ValueError(f"data.{name} has {len(values)} values but images have {channels} channels: give {channels}")
+
+
 class DataStop(RuntimeError):
     """The stream cannot go on (e.g. too many undecodable samples); the message says why."""
 
@@ -49,7 +58,7 @@ class StreamingLoader:
             manifest_url=self.url, split=self.split, seed=seed, window=cfg.shuffle_window, shuffle=shuffle,
             channels=channels, augment=augment, attempts=cfg.retries,
             crop=CropSpec(img_size, tuple(cfg.crop_scale), tuple(cfg.crop_ratio), cfg.hflip),
-            mean=tuple(cfg.mean), std=tuple(cfg.std),
+            mean=channel_stats(cfg.mean, channels, "mean"), std=channel_stats(cfg.std, channels, "std"),
         )
         self.epoch, self.batches_done = 0, 0
         self.remaining = [(0, self.num_samples)]
