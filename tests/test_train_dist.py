@@ -1,8 +1,8 @@
 """Multi-process training with real DeepSpeed on gloo: interrupted runs continue bit for bit.
 
 Each ZeRO stage's uninterrupted 2-rank run is made once (module fixture) and every interrupted
-variant is compared with it: SIGUSR1 to one rank, kill -9 of the whole job, two torchrun agents
-as two nodes, Ray Train workers. Elastic resume (2 -> 1 and 1 -> 2 ranks)
+variant is compared with it: SIGUSR1 to one rank, kill -9 of the whole job, kill -9 of one rank
+under torchrun --max-restarts, two torchrun agents as two nodes, Ray Train workers. Elastic resume (2 -> 1 and 1 -> 2 ranks)
 is checked on the sample ids each rank consumed: none repeated, none lost.
 """
 
@@ -119,6 +119,30 @@ def test_killed_rank_makes_the_other_exit(data, tmp_path):
     finally:
         for proc in ranks:
             kill_job(proc)
+
+
+def test_torchrun_max_restarts_resumes_from_checkpoint(data, reference):
+    """kill -9 of one worker: torchrun stops the other, starts a new attempt, which resumes from the newest checkpoint."""
+    root, manifest = data
+    run_dir, log = root / "runs" / "restart", root / "restart.log"
+    cfg = write_config(root / "restart.toml", manifest, root / "runs", "restart", STEPS, 2)
+    job = start(torchrun(2, cfg, "--resume", "auto", "checkpoint.every_steps=2", extra=("--max-restarts=1",)), log)
+    try:
+        wait_for_step(run_dir, job, 3)  # past the checkpoint of step 2
+        rank_processes(job)[1].kill()
+        killed_at = max(losses(run_dir))
+        assert job.wait(300) == 0, log.read_text()[-3000:]
+    finally:
+        kill_job(job)
+    assert killed_at < STEPS, "the job finished before its worker was killed: nothing was tested"
+    events = records(run_dir)
+    (restore,) = [i for i, r in enumerate(events) if r.get("event") == "restore"]
+    saved = [r["tag"] for r in events[:restore] if r.get("event") == "checkpoint"]
+    assert saved and events[restore]["from"].endswith(saved[-1])  # the newest checkpoint at the kill
+    text = log.read_text()
+    assert "failed (exitcode: -9) local_rank: 1" in text  # torchrun saw the kill, and went on in the same run
+    assert f"resumed from {events[restore]['from']} at step {events[restore]['step']}" in text
+    assert losses(run_dir) == reference(2)
 
 
 def test_two_nodes_on_one_machine_match_two_ranks(data, reference):

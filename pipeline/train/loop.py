@@ -38,7 +38,13 @@ RESUME_FIXED = ("model",)
 
 
 class StopFlag:
-    """Set by SIGUSR1/SIGTERM (preemption notice) or the time limit; acted on at a step boundary."""
+    """Set by SIGUSR1/SIGTERM (preemption notice) or the time limit; acted on at a step boundary.
+
+    CPython runs the handler only when the main thread is back in Python: a rank blocked in a
+    collective sees the signal once that returns, which a dead peer bounds (gloo error at once, or
+    train.dist_timeout_s); exiting from the handler would come no sooner. torchrun follows its
+    SIGTERM with SIGKILL after 30 s.
+    """
 
     def __init__(self, time_limit_s: float):
         self.signal: int | None = None
