@@ -87,6 +87,8 @@ def losses(run_dir: Path) -> dict[int, float]:
     seen: dict[int, float] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
+        if "event" in record:  # checkpoint / restore records sit beside the step records
+            continue
         assert record["step"] not in seen, f"step {record['step']} logged twice in {run_dir}/metrics.jsonl"
         seen[record["step"]] = record["loss"]
     return seen
