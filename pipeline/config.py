@@ -24,8 +24,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    preset: Literal["tiny", "small", "base", "large", "huge"] = "tiny"
-    """Encoder/decoder shape: tiny (ViT-Ti), small (ViT-S), base (ViT-B/16), large (ViT-L/16), huge (ViT-H/14)."""
+    preset: Literal["micro", "tiny", "small", "base", "large", "huge"] = "tiny"
+    """Encoder/decoder shape: micro (128-d x 6 blocks, for CPU runs on small images), tiny (ViT-Ti), small (ViT-S), base (ViT-B/16), large (ViT-L/16), huge (ViT-H/14)."""
     img_size: int = 224
     """Input side in pixels (square); must be divisible by patch_size."""
     patch_size: int = 0
@@ -216,16 +216,22 @@ class EvalConfig:
     """Neighbours voting in kNN."""
     knn_temperature: float = 0.07
     """Temperature of the exp(sim / T) vote weights (DINO's protocol)."""
-    linear_epochs: int = 30
+    linear_epochs: int = 20
     """Epochs of linear-probe training on cached features."""
     linear_lr: float = 0.1
     """Base lr of the probe (LARS-free SGD with momentum 0.9, cosine), scaled by batch/256."""
-    linear_batch: int = 256
-    """Batch size of the linear probe."""
+    linear_batch: int = 1024
+    """Batch size of the linear probe (on cached features: larger batches cost less per epoch)."""
     finetune_epochs: int = 5
     """Epochs of fine-tuning."""
     finetune_blocks: int = 0
     """Fine-tune only the last k encoder blocks (0: the whole encoder)."""
+    finetune_samples: int = 0
+    """Cap on training samples for fine-tuning (0: the whole split); steps = epochs x samples / batch."""
+    finetune_drop_path: float = 0.1
+    """Stochastic depth rate of the last encoder block while fine-tuning (linear from 0 at the first)."""
+    finetune_weight_decay: float = 0.05
+    """AdamW weight decay of fine-tuning (not on norms, biases and tokens)."""
     finetune_lr: float = 1e-3
     """Base lr of fine-tuning (scaled by batch/256)."""
     layer_decay: float = 0.75
@@ -236,6 +242,12 @@ class EvalConfig:
     def check(self) -> None:
         if self.knn_k < 1 or self.knn_temperature <= 0:
             raise ConfigError("eval.knn_k must be >= 1 and eval.knn_temperature > 0")
+        if self.finetune_samples < 0 or self.max_train_samples < 0 or self.finetune_blocks < 0:
+            raise ConfigError("eval.max_train_samples, eval.finetune_samples and eval.finetune_blocks must be >= 0")
+        if not 0 <= self.finetune_drop_path < 1:
+            raise ConfigError(f"eval.finetune_drop_path={self.finetune_drop_path}: must be in [0, 1)")
+        if self.linear_epochs < 1 or self.finetune_epochs < 1 or self.batch_size < 1 or self.linear_batch < 2:
+            raise ConfigError("eval.linear_epochs, eval.finetune_epochs, eval.batch_size must be >= 1, eval.linear_batch >= 2")
         if not 0 < self.layer_decay <= 1:
             raise ConfigError(f"eval.layer_decay={self.layer_decay}: must be in (0, 1]")
 

@@ -17,6 +17,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
+    "micro": Preset(128, 6, 4, 16, 128, 2, 4, ""),  # CPU-sized (small images, minutes of training); no timm twin
     "tiny": Preset(192, 12, 3, 16, 128, 4, 4, "vit_tiny_patch16_224"),
     "small": Preset(384, 12, 6, 16, 256, 4, 8, "vit_small_patch16_224"),
     "base": Preset(768, 12, 12, 16, 512, 8, 16, "vit_base_patch16_224"),

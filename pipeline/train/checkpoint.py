@@ -267,15 +267,18 @@ def load_pretrained(url: str):
     state = json.loads((ckpt / CLIENT_STATE).read_text())
     cfg = config_from_dict(state["config"])
     model = build_mae(cfg.model)
-    missing, unexpected = model.load_state_dict(fp32_weights(ckpt), strict=False)
+    missing, unexpected = model.load_state_dict(fp32_weights(ckpt, cfg.train.zero_stage), strict=False)
     real_missing = [k for k in missing if not k.endswith("pos_embed")]  # buffers are rebuilt, not stored
     if real_missing or unexpected:
         raise ValueError(f"checkpoint {url} does not match the model: missing {real_missing}, unexpected {unexpected}")
     return model.eval(), cfg
 
 
-def fp32_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+def fp32_weights(ckpt: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     """Consolidated fp32 model weights of a local checkpoint folder (any ZeRO stage, any world size)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    if zero_stage == 0:  # no ZeRO partitions: the module's weights are whole in the model file
+        module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() for k, v in module.items()}
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
