@@ -160,17 +160,30 @@ class Uploader:
                 self.pending.discard(tag)
 
     def _retention(self) -> None:
-        tags = complete_tags(self.remote)
-        fs, _ = storage.filesystem(self.remote)
-        for tag in set(tags) - retained(tags, self.keep_last, self.keep_every):
-            _, path = storage.filesystem(storage.join(self.remote, tag))
-            # the completion mark goes first: a half-deleted folder is never taken for complete
-            storage.retry(lambda: fs.rm(f"{path}/{CLIENT_STATE}"), f"delete {tag} mark")
-            storage.retry(lambda: fs.rm(path, recursive=True), f"delete {tag}")
+        prune(self.remote, self.keep_last, self.keep_every)
 
     def close(self) -> None:
         self.queue.put(None)
         self.thread.join()
+
+
+def prune(ckpt_url: str, keep_last: int, keep_every: int) -> list[str]:
+    """Retention on a checkpoints folder in object storage: delete the complete checkpoints the policy
+    does not keep (incomplete ones are never touched). Two pruners may meet (training's uploader and
+    the checkpoint manager): a tag the other one deleted first is not an error. -> deleted tags."""
+    tags = complete_tags(ckpt_url)
+    fs, _ = storage.filesystem(ckpt_url)
+    deleted = []
+    for tag in sorted(set(tags) - retained(tags, keep_last, keep_every)):
+        _, path = storage.filesystem(storage.join(ckpt_url, tag))
+        try:
+            # the completion mark goes first: a half-deleted folder is never taken for complete
+            storage.retry(lambda: fs.rm(f"{path}/{CLIENT_STATE}"), f"delete {tag} mark")
+            storage.retry(lambda: fs.rm(path, recursive=True), f"delete {tag}")
+        except FileNotFoundError:
+            continue
+        deleted.append(tag)
+    return deleted
 
 
 def upload(local: Path, url: str) -> None:
