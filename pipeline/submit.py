@@ -1,17 +1,24 @@
-"""`maepipe submit slurm train|ray|shard [options] ARGS...`: render and submit the scripts in slurm/.
+"""`maepipe submit slurm|ray SCRIPT [options] ARGS...`: render and submit the scripts in slurm/ and jobs/.
 
     maepipe submit slurm train --nodes 4 --gpus-per-node 8 --time 24:00:00 --config configs/vit_large.toml data.manifest=...
     maepipe submit slurm ray --nodes 2 --cpus-per-task 32 python -m jobs.shard_job SRC DEST --executor ray
     maepipe submit slurm shard --array-tasks 16 --cpus-per-task 8 SRC DEST --max-side 512
+    maepipe submit ray shard --address http://HEAD:8265 SRC s3://bucket/shards --shard-samples 2000
+    maepipe submit ray train -- --config configs/vit_base.toml --workers 8 --gpus --resume auto
+    maepipe submit ray manage --env AWS_ENDPOINT_URL s3://bucket/runs/r --consolidate --evaluate knn,linear
 
-The sbatch options become command-line flags of sbatch; script parameters travel as environment
+slurm: the sbatch options become command-line flags of sbatch; script parameters travel as environment
 variables (sbatch exports the caller's environment), so values may hold commas and spaces.
+ray: `ray job submit --address ADDR --working-dir . -- python -m jobs.X ARGS` (this checkout is
+uploaded as the job's working directory); --env NAME passes the caller's value of NAME to the job.
+Job arguments that begin with an option go after `--` (everything from the first positional on is the job's).
 --dry-run prints the command instead of running it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -27,6 +34,12 @@ SCRIPTS = {
     "train": ("train.sbatch", "multi-node pretraining that requeues itself on preemption"),
     "ray": ("ray_cluster.sbatch", "a Ray cluster over the allocation, then a driver command"),
     "shard": ("shard_array.sbatch", "`maepipe shard` as a job array, then a job that writes the manifest"),
+}
+# ray job -> (module run by `python -m`, help)
+RAY_JOBS = {
+    "shard": ("jobs.shard_job", "`maepipe shard` with one Ray task per output shard"),
+    "train": ("jobs.train_ray", "pretraining on Ray Train workers"),
+    "manage": ("jobs.checkpoint_manager", "consolidate, evaluate, upload and prune a run's checkpoints as they complete"),
 }
 
 
@@ -63,6 +76,19 @@ def add_parser(sub) -> None:
         s.add_argument("args", nargs=argparse.REMAINDER,
                        help={"train": "section.key=value overrides", "ray": "the driver command",
                              "shard": "SRC DEST [maepipe shard options]"}[name])
+    ray = targets.add_parser("ray", help="ray job submit one of the jobs in jobs/")
+    ray_jobs = ray.add_subparsers(dest="job", metavar="JOB", required=True)
+    for name, (module, help_text) in RAY_JOBS.items():
+        s = ray_jobs.add_parser(name, help=help_text, description=f"{help_text}: `python -m {module} --help` lists ARGS")
+        s.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"),
+                       help="the cluster's job API (dashboard) address (default $RAY_API_SERVER_ADDRESS or %(default)s)")
+        s.add_argument("--working-dir", default=".", help="maepipe checkout uploaded as the job's working directory")
+        s.add_argument("--env", action="append", default=[], metavar="NAME",
+                       help="pass the caller's value of this variable to the job (repeatable), e.g. AWS_ENDPOINT_URL")
+        s.add_argument("--entrypoint-num-cpus", type=float, default=0, help="CPUs reserved for the driver (0: none)")
+        s.add_argument("--no-wait", action="store_true", help="return once submitted (default: follow the job's logs)")
+        s.add_argument("--dry-run", action="store_true", help="print the ray job submit command, submit nothing")
+        s.add_argument("args", nargs=argparse.REMAINDER, help=f"arguments of python -m {module} (after `--` if the first is an option)")
     p.set_defaults(func=run)
 
 
@@ -100,7 +126,43 @@ def sbatch_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]
     return cmd + list(args.sbatch) + [str(script)] + rest, env
 
 
+def ray_command(args: argparse.Namespace) -> list[str]:
+    """-> the `ray job submit` command line (environment values passed in --runtime-env-json)."""
+    if not (Path(args.working_dir) / "jobs" / f"{RAY_JOBS[args.job][0].split('.')[1]}.py").is_file():
+        raise ConfigError(f"--working-dir {args.working_dir}: not a maepipe checkout (no jobs/ folder); "
+                          "run from the checkout's root or pass --working-dir")
+    missing = [name for name in args.env if name not in os.environ]
+    if missing:
+        raise ConfigError(f"--env {', '.join(missing)}: not set in this environment (set it, or drop --env)")
+    ray = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    cmd = [ray, "job", "submit", "--address", args.address, "--working-dir", args.working_dir]
+    if args.env:
+        cmd += ["--runtime-env-json", json.dumps({"env_vars": {name: os.environ[name] for name in args.env}})]
+    if args.entrypoint_num_cpus:
+        cmd += ["--entrypoint-num-cpus", f"{args.entrypoint_num_cpus:g}"]
+    if args.no_wait:
+        cmd.append("--no-wait")
+    rest = list(args.args)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    return cmd + ["--", "python", "-m", RAY_JOBS[args.job][0], *rest]
+
+
 def run(args: argparse.Namespace) -> int:
+    return run_slurm(args) if args.target == "slurm" else run_ray(args)
+
+
+def run_ray(args: argparse.Namespace) -> int:
+    cmd = ray_command(args)
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    if not Path(cmd[0]).is_file():
+        raise ConfigError("the `ray` command is missing: pip install 'ray[default]' in this environment")
+    return subprocess.run(cmd).returncode
+
+
+def run_slurm(args: argparse.Namespace) -> int:
     cmd, env = sbatch_command(args)
     if args.dry_run:
         print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd))

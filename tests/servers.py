@@ -189,7 +189,11 @@ def start_ray_head(env: dict[str, str], num_cpus: int = 2, timeout: float = 90.0
     names = ["port", "dashboard-port", "object-manager-port", "node-manager-port", "ray-client-server-port",
              "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
              "metrics-export-port", "min-worker-port"]
-    ports = dict(zip(names, free_ports(len(names))))
+    while True:  # the worker port range must not take any other component's port
+        ports = dict(zip(names, free_ports(len(names))))
+        low = ports["min-worker-port"]
+        if not any(low <= port <= low + 200 for name, port in ports.items() if name != "min-worker-port"):
+            break
     command = [shutil.which("ray") or "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}", "--object-store-memory=500000000",
                f"--temp-dir={temp_dir}", "--disable-usage-stats"]

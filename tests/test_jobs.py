@@ -102,3 +102,70 @@ def test_manager_usage_errors(tmp_path):
                         (["--consolidate", "--once", "--until-step", "4"], "not allowed")):
         done = manager(str(tmp_path), *args, cwd=tmp_path)
         assert done.returncode == 2 and words in done.stderr, (args, done.stderr)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_manager_ray_job_on_the_s3_copy(tmp_path, ray_head, s3_bucket, seaweedfs):
+    """Training writes locally and uploads to S3; the manager, a real `ray job submit` through
+    `maepipe submit ray manage`, works on the S3 copy only and prunes it to the newest checkpoint."""
+    from pipeline.train.checkpoint import complete_tags
+
+    data = write_small_dataset(str(tmp_path / "shards"), {"train": [64], "val": [32]})
+    remote = f"{s3_bucket}/runs/r"
+    train(tmp_path, data, f"checkpoint.upload_url='{remote}'")
+    assert complete_tags(f"{remote}/checkpoints") == STEPS
+    names = ["AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "MAEPIPE_CACHE"]
+    env = {"MAEPIPE_CACHE": str(tmp_path / "cache"), **ray_head.env()}
+    job = [remote, "--consolidate", "--evaluate", "knn", "--data", data, "--keep-last", "1", "--once", *EVAL]
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", "ray", "manage", "--address",
+                           ray_head.dashboard, *[a for n in names for a in ("--env", n)], *job],
+                          cwd=ROOT, env=subprocess_env(**env), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "succeeded" in done.stdout, (done.stdout + done.stderr)[-4000:]
+
+    import fsspec
+
+    fs = fsspec.filesystem("s3", endpoint_url=seaweedfs.endpoint)
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{remote}/consolidated")) == [f"{t}.safetensors" for t in STEPS]
+    rows = rows_of(fs.cat(f"{remote}/evals.jsonl").decode())
+    assert sorted((r["encoder"], r["step"]) for r in rows) == [("mae", 2), ("mae", 4), ("random_init", 2),
+                                                               ("raw_pixels", 2)]
+    assert all(r["checkpoint"].startswith(f"{remote}/checkpoints/") for r in rows)
+    assert complete_tags(f"{remote}/checkpoints") == STEPS[1:]  # --keep-last 1 on the object-store copy
+    assert "## Evaluation" in fs.cat(f"{remote}/report.md").decode()
+    assert json.loads(fs.cat(f"{remote}/config.json"))["name"] == "r"
+
+    again = manager(*job, cwd=tmp_path, MAEPIPE_CACHE=env["MAEPIPE_CACHE"])  # a restarted manager: nothing to redo
+    assert again.returncode == 0 and "nothing new" in again.stderr, again.stderr[-3000:]
+    assert rows_of(fs.cat(f"{remote}/evals.jsonl").decode()) == rows
+
+
+def dry_run(job: str, *args: str, **env: str) -> tuple[int, list[str], str]:
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", "ray", job, "--dry-run", *args],
+                          env=subprocess_env(**env), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return done.returncode, shlex.split(done.stdout), done.stderr
+
+
+def test_submit_ray_renders_ray_job_submit():
+    rc, words, _ = dry_run("manage", "--address", "http://head:8265", "--env", "AWS_ENDPOINT_URL", "s3://b/runs/r",
+                           "--consolidate", "--evaluate", "knn,linear", "--keep-last", "3", AWS_ENDPOINT_URL="http://s3:1")
+    assert rc == 0 and Path(words[0]).name == "ray"
+    assert words[1:] == ["job", "submit", "--address", "http://head:8265", "--working-dir", ".", "--runtime-env-json",
+                         '{"env_vars": {"AWS_ENDPOINT_URL": "http://s3:1"}}', "--", "python", "-m",
+                         "jobs.checkpoint_manager", "s3://b/runs/r", "--consolidate", "--evaluate", "knn,linear",
+                         "--keep-last", "3"]
+    rc, words, _ = dry_run("train", "--no-wait", "--entrypoint-num-cpus", "1", "--", "--config", "configs/vit_base.toml",
+                           "--workers", "8", "--gpus", RAY_API_SERVER_ADDRESS="http://10.0.0.1:8265")
+    assert rc == 0 and words[1:] == ["job", "submit", "--address", "http://10.0.0.1:8265", "--working-dir", ".",
+                                     "--entrypoint-num-cpus", "1", "--no-wait", "--", "python", "-m", "jobs.train_ray",
+                                     "--config", "configs/vit_base.toml", "--workers", "8", "--gpus"]
+    rc, words, _ = dry_run("shard", "SRC", "s3://b/shards", "--shard-samples", "2000")
+    assert rc == 0 and words[words.index("--"):] == ["--", "python", "-m", "jobs.shard_job", "SRC", "s3://b/shards",
+                                                     "--shard-samples", "2000"]
+
+
+def test_submit_ray_usage_errors(tmp_path):
+    rc, _, err = dry_run("manage", "--env", "MAEPIPE_NOT_SET_ANYWHERE", "s3://b/r", "--once")
+    assert rc == 2 and "MAEPIPE_NOT_SET_ANYWHERE" in err
+    rc, _, err = dry_run("manage", "--working-dir", str(tmp_path), "s3://b/r")
+    assert rc == 2 and "not a maepipe checkout" in err
