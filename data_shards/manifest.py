@@ -56,11 +56,16 @@ class Manifest:
     def root(self) -> str:
         return self.url.rsplit("/", 1)[0] if "/" in self.url else "."
 
+    def resolve(self, path: str) -> str:
+        """A shard path from the manifest -> URL: relative paths are under root; full URLs (foreign
+        shards indexed where they lie) stay as they are."""
+        return path if "://" in path or path.startswith("/") else storage.join(self.root, path)
+
     def shard_url(self, shard: ShardInfo) -> str:
-        return storage.join(self.root, shard.path)
+        return self.resolve(shard.path)
 
     def index_url(self, shard: ShardInfo) -> str:
-        return storage.join(self.root, shard.index) if shard.index else ""
+        return self.resolve(shard.index) if shard.index else ""
 
     def num_samples(self, split: str) -> int:
         return sum(s.samples for s in self.shards(split))

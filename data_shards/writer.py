@@ -1,31 +1,45 @@
 """Write one shard: a WebDataset tar, its offsets index and its ShardInfo.
 
 Tars are byte-reproducible (fixed mtime, owner and mode), so the same samples give the same
-sha256 whichever executor or process writes them.
+sha256 whichever executor or process writes them. The bytes are exactly what
+`webdataset.TarWriter(stream, encoder=False, mtime=0, user=..., group=..., mode=0o444)` writes
+(tests/test_shard_writer.py holds the two side by side); the stdlib tarfile does it here so that
+pool workers and Ray tasks need not import webdataset, whose import pulls in torch (~2 s a process).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import tarfile
 from typing import Iterable
-
-import webdataset as wds
 
 from data_shards import storage
 from data_shards.manifest import ShardInfo, encode_index
 
+OWNER, MODE = "maepipe", 0o444
+
 
 def tar_bytes(samples: Iterable[dict]) -> tuple[bytes, list[int]]:
-    """Samples ({'__key__': str, ext: bytes, ...}) -> (tar bytes, n+1 sample start offsets)."""
+    """Samples ({'__key__': str, ext: bytes, ...}) -> (tar bytes, n+1 sample start offsets).
+
+    Members are KEY.EXT in sorted extension order; keys starting with '_' are metadata, not stored.
+    """
     buf = io.BytesIO()
     offsets = []
-    writer = wds.TarWriter(buf, encoder=False, mtime=0, user="maepipe", group="maepipe", mode=0o444)
-    for sample in samples:
-        offsets.append(writer.tarstream.offset)
-        writer.write(sample)
-    offsets.append(writer.tarstream.offset)
-    writer.close()
+    with tarfile.open(fileobj=buf, mode="w|") as tar:
+        for sample in samples:
+            offsets.append(tar.offset)
+            key = sample["__key__"]
+            for ext in sorted(sample):
+                if ext.startswith("_"):
+                    continue
+                data = sample[ext]
+                data = data.encode() if isinstance(data, str) else data
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, MODE, OWNER, OWNER
+                tar.addfile(info, io.BytesIO(data))
+        offsets.append(tar.offset)
     return buf.getvalue(), offsets
 
 

@@ -22,6 +22,7 @@ COMMANDS = {
     "report": "pipeline.eval.report_cli",
     "export": "pipeline.train.export",
     "demo": "pipeline.demo",
+    "submit": "pipeline.submit",
 }
 
 EXIT_USAGE = 2

@@ -42,6 +42,11 @@ if [ ! -f "$stamp" ]; then
     [ $want_test -eq 1 ] && extras="[test]"
     # DeepSpeed as pure Python: its C++ ops would compile for minutes and are not used on CPU
     DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -c constraints.txt -e ".$extras"
+    if [ $want_test -eq 1 ]; then
+        # timm checks our export (strict load); with its deps, torchvision would pull another torch build.
+        # The export test registers the two torchvision operators a CPU torch lacks before importing timm.
+        .venv/bin/python -m pip install -q --no-deps timm==1.0.31 torchvision==0.29.1
+    fi
     rm -f .venv/.maepipe-setup-*
     touch "$stamp"
 fi

@@ -13,9 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    """Environment for child processes: this checkout first on PYTHONPATH, quiet DeepSpeed/Ray."""
+    """Environment for child processes: this checkout first on PYTHONPATH, the venv first on PATH, quiet Ray."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # the venv's bin first: `ray`, `python` (a Ray job's entrypoint), `weed` resolve to this venv's even
+    # when pytest runs by the venv python's full path without activation
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")]).rstrip(os.pathsep)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
@@ -37,6 +40,16 @@ def seaweedfs(tmp_path_factory):
 def s3_bucket(seaweedfs):
     """A fresh bucket URL (s3://name) on the session's SeaweedFS server."""
     return seaweedfs.make_bucket(f"t-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A real `ray start --head` cluster on 127.0.0.1 (free ports, own temp dir) for job submission."""
+    from tests.servers import start_ray_head
+
+    head = start_ray_head(subprocess_env())
+    yield head
+    head.stop()
 
 
 @pytest.fixture(scope="session")

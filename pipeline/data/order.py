@@ -11,7 +11,9 @@ mixes well, while every window still maps to one or two contiguous byte ranges p
 Plan. The part of the epoch not yet consumed is a list of intervals over O ("remaining"; [[0, N)]
 at the start). For a layout (world ranks x workers, micro-batch B) each rank gets
 nb = R // (world*B) batches (`drop`; `wrap` rounds up and repeats the start), so ranks are
-balanced by construction and at most world*B - 1 samples are dropped. Rank r's batch i is made by
+balanced by construction and at most world*B - 1 samples are dropped. `keep` (evaluation: every
+sample once) splits R evenly over ranks; a rank's last batch may be short and ranks may differ by one
+batch, so it is for passes without per-batch collectives. Rank r's batch i is made by
 its worker i % workers; stream (r, w) is a contiguous run of the remaining sequence, streams laid
 out in (rank, worker) order.
 
@@ -145,15 +147,21 @@ class Plan:
                 pad = take(self.remaining, 0, min(need, R))
                 seq += pad
                 need -= total(pad)
+        if L.remainder == "keep":  # evaluation: ranks split R evenly, a rank's last batch may be short
+            per_rank = [R * (r + 1) // L.world - R * r // L.world for r in range(L.world)]
+            nb = -(-max(per_rank) // L.batch)
+        else:
+            per_rank = [nb * L.batch] * L.world
         self.batches_per_rank = nb
         self.streams = {}
         W = L.streams_per_rank
         offset = 0
-        for r in range(L.world):
+        for r, n_rank in enumerate(per_rank):
+            nb_rank = -(-n_rank // L.batch)
             for w in range(W):
-                n = len(range(w, nb, W)) * L.batch
-                if L.remainder == "keep":  # evaluation: ranks split R as evenly as batches allow
-                    n = max(0, min(n, R - offset))
+                n = len(range(w, nb_rank, W)) * L.batch
+                if nb_rank and (nb_rank - 1) % W == w:  # this stream holds the rank's (maybe short) last batch
+                    n -= nb_rank * L.batch - n_rank
                 self.streams[(r, w)] = take(seq, offset, offset + n)
                 offset += n
         self.unassigned = take(seq, offset, total(seq)) if L.remainder == "drop" else []

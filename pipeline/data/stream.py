@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_shards.manifest import Manifest, read_manifest
+from data_shards.manifest import read_manifest
 from pipeline.data.decode import DecodeError, decode_image, image_key
-from pipeline.data.order import EpochOrder, Interval, Layout, Plan
+from pipeline.data.order import EpochOrder, Interval, Plan, take, total
 from pipeline.data.shards import ShardReader
 from pipeline.data.transforms import CropSpec, center_resize, random_resized_crop, to_tensor
 
@@ -79,11 +79,34 @@ def read_window(reader: ShardReader, order: EpochOrder, split: str, ps: list[int
     return [(order.global_id(s, i), fetched[(s, i)]) for s, i in located]
 
 
+class SkipLog:
+    """Log undecodable samples: the first `first` one by one, then one summary line per `every_s`
+    (a damaged shard must not flood the log of every worker)."""
+
+    def __init__(self, first: int = 5, every_s: float = 60.0):
+        self.first, self.every_s = first, every_s
+        self.count, self.quiet, self.last = 0, 0, 0.0
+
+    def __call__(self, key: str, gid: int, url: str, err: Exception) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if self.count <= self.first:
+            log.warning("skipping sample %s (id %d) of %s: %s", key, gid, url, err)
+            self.last = now
+            return
+        self.quiet += 1
+        if now - self.last >= self.every_s:
+            log.warning("skipped %d more undecodable samples (%d in all in this worker); latest %s of %s: %s",
+                        self.quiet, self.count, key, url, err)
+            self.quiet, self.last = 0, now
+
+
 class MAEStream(IterableDataset):
     """Yields collated batches for one rank: {'image', 'label', 'id', 'skipped', 'bytes', 'retries'}."""
 
     def __init__(self, spec: StreamSpec, plan: Plan, rank: int, start_batch: int):
         self.spec, self.plan, self.rank, self.start_batch = spec, plan, rank, start_batch
+        self.skip_log = SkipLog()
 
     def __iter__(self):
         info = get_worker_info()
@@ -96,8 +119,6 @@ class MAEStream(IterableDataset):
         yield from self._batches(intervals, skip)
 
     def _batches(self, intervals: list[Interval], skip: int):
-        from pipeline.data.order import take, total
-
         spec = self.spec
         manifest = read_manifest(spec.manifest_url)
         counts = tuple(s.samples for s in manifest.shards(spec.split))
@@ -129,7 +150,7 @@ class MAEStream(IterableDataset):
             except DecodeError as err:
                 bad.append(len(ids))
                 images.append(None)
-                log.warning("skipping sample %s (id %d): %s", sample.get("__key__"), gid, err)
+                self.skip_log(sample.get("__key__"), gid, sample.get("__url__", ""), err)
             labels.append(label_of(sample))
             ids.append(gid)
         if len(bad) == len(items):

@@ -101,7 +101,8 @@ def build(run: str, data: str = "", pictures: bool = True, samples: int = 8) -> 
     cfg = read_json(storage.join(run, "config.json"))
     if cfg is None:
         raise FileNotFoundError(f"{run} has no config.json: give a run folder written by `maepipe train`")
-    metrics = read_jsonl(storage.join(run, "metrics.jsonl"))
+    # step records only: checkpoint / restore events share the file
+    metrics = [m for m in read_jsonl(storage.join(run, "metrics.jsonl")) if "event" not in m]
     evals = read_jsonl(storage.join(run, EVALS))
     blocks: list[tuple] = [("h1", f"maepipe run: {cfg.get('name', run)}"),
                            ("p", f"Run folder `{run}`; report written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")]

@@ -63,6 +63,23 @@ def detect_env() -> str:
     return launcher
 
 
+def attempt_store(timeout: datetime.timedelta) -> torch.distributed.Store:
+    """The torchrun agent's TCPStore, seen through a namespace of this attempt.
+
+    torchrun (static and c10d rendezvous alike) keeps one store for the whole job and hands it to
+    every attempt under --max-restarts, with no per-attempt prefix. A restarted attempt would then
+    read the killed attempt's process-group keys (gloo's peer addresses), dial a dead rank and fail
+    with "connectFullMesh ... Connection refused". TORCHELASTIC_RESTART_COUNT tells attempts apart:
+    every agent counts each failed attempt of its own workers, and a job with a dead rank fails on
+    every node (gloo error or train.dist_timeout_s). Elastic membership changes under c10d restart
+    without counting: there, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives each round a fresh store.
+    """
+    env = os.environ
+    agent = torch.distributed.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]),
+                                       is_master=False, timeout=timeout)
+    return torch.distributed.PrefixStore(f"maepipe/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
+
+
 def init(timeout_s: float = 300.0) -> DistInfo:
     """Join the process group (gloo on CPU, NCCL on GPU). Every rank blocks here until all arrive."""
     import deepspeed
@@ -76,9 +93,12 @@ def init(timeout_s: float = 300.0) -> DistInfo:
         device, backend = torch.device("cpu"), "gloo"
     # the shared-memory comm op JIT-compiles for ~75 s on first use and brings nothing on CPU tests
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend, store=attempt_store(timeout), timeout=timeout,
+                                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    # a group made above or by the launcher (Ray Train) is adopted as is; else this creates it with our timeout
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device, launcher)
 
 

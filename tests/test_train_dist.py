@@ -1,0 +1,184 @@
+"""Multi-process training with real DeepSpeed on gloo: interrupted runs continue bit for bit.
+
+Each ZeRO stage's uninterrupted 2-rank run is made once (module fixture) and every interrupted
+variant is compared with it: SIGUSR1 to one rank, kill -9 of the whole job, kill -9 of one rank
+under torchrun --max-restarts, two torchrun agents as two nodes, Ray Train workers. Elastic resume (2 -> 1 and 1 -> 2 ranks)
+is checked on the sample ids each rank consumed: none repeated, none lost.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from tests.conftest import subprocess_env
+from tests.helpers import write_small_dataset
+from tests.servers import free_ports
+from tests.train_runs import (consumed, kill_job, losses, rank_processes, records, run, start, torchrun,
+                              wait_for_step, write_config)
+
+pytestmark = pytest.mark.dist
+STEPS = 10
+EXIT_REQUEUE = 75
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-dist")
+    # 160 samples: one epoch is 10 steps of 2 ranks x 8, or 20 steps of 1 rank x 8
+    return root, write_small_dataset(str(root / "shards"), {"train": [80, 80]})
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    """stage -> {step: loss} of an uninterrupted 2-rank run, made on first use."""
+    root, manifest = data
+    made = {}
+
+    def get(stage: int) -> dict[int, float]:
+        if stage not in made:
+            cfg = write_config(root / f"ref{stage}.toml", manifest, root / "runs", f"ref{stage}", STEPS, stage)
+            assert run(torchrun(2, cfg), root / f"ref{stage}.log") == 0, (root / f"ref{stage}.log").read_text()[-3000:]
+            made[stage] = losses(root / "runs" / f"ref{stage}")
+            assert sorted(made[stage]) == list(range(1, STEPS + 1))
+        return made[stage]
+
+    return get
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_sigusr1_then_kill9_resume_is_bitwise(data, reference, stage):
+    root, manifest = data
+    name = f"chain{stage}"
+    run_dir, log = root / "runs" / name, root / f"{name}.log"
+    cfg = write_config(root / f"{name}.toml", manifest, root / "runs", name, STEPS, stage)
+
+    # 1. preemption notice to rank 1 only: the ranks agree, save and exit with the requeue code
+    job = start(torchrun(2, cfg, "checkpoint.every_steps=2"), log)
+    wait_for_step(run_dir, job, 3)
+    rank_processes(job)[1].send_signal(signal.SIGUSR1)
+    job.wait(120)
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["exit_code"] == EXIT_REQUEUE and summary["steps"] < STEPS, log.read_text()[-3000:]
+    assert log.read_text().count("exitcode  : 75") == 2  # torchrun's report: both ranks exited 75
+    stopped = summary["steps"]
+
+    # 2. resume, then kill -9 the whole job a few steps later (past at least one periodic checkpoint)
+    job = start(torchrun(2, cfg, "--resume", "auto", "checkpoint.every_steps=2"), log)
+    killed_at = wait_for_step(run_dir, job, stopped + 3)
+    kill_job(job)
+    assert killed_at < STEPS, "the job finished before it could be killed: nothing was tested"
+
+    # 3. resume again and finish: every step's loss equals the uninterrupted run's, bit for bit
+    assert run(torchrun(2, cfg, "--resume", "auto", "checkpoint.every_steps=2"), log) == 0, log.read_text()[-3000:]
+    restores = [r for r in records(run_dir) if r.get("event") == "restore"]
+    assert [r["step"] for r in restores][0] == stopped and len(restores) == 2
+    assert losses(run_dir) == reference(stage)
+
+
+def _epoch0_ids(run_dir) -> list[int]:
+    return [i for (epoch, ids) in consumed(run_dir).values() if epoch == 0 for i in ids]
+
+
+@pytest.mark.parametrize("stage, before, after, first_steps", [(3, 2, 1, 3), (1, 1, 2, 4)])
+def test_elastic_resume_consumes_every_sample_once(data, stage, before, after, first_steps):
+    root, manifest = data
+    name = f"elastic{stage}-{before}to{after}"
+    run_dir, log = root / "runs" / name, root / f"{name}.log"
+    epoch_steps_after = (160 - first_steps * 8 * before) // (8 * after)
+    total = first_steps + epoch_steps_after
+    cfg = write_config(root / f"{name}.toml", manifest, root / "runs", name, total, stage)
+    assert run(torchrun(before, cfg, f"train.steps={first_steps}"), log) == 0, log.read_text()[-3000:]
+    # another world size: converted through DeepSpeed's universal checkpoint, data re-planned
+    assert run(torchrun(after, cfg, "--resume", "auto"), log) == 0, log.read_text()[-3000:]
+    assert (run_dir / "checkpoints" / f"step-{first_steps:08d}" / "universal").is_dir()
+    ids = _epoch0_ids(run_dir)
+    assert Counter(ids).most_common(1)[0][1] == 1, "a sample was consumed twice in epoch 0"
+    assert sorted(ids) == list(range(160)), "samples of epoch 0 were lost"
+    assert max(losses(run_dir)) == total
+
+
+def test_killed_rank_makes_the_other_exit(data, tmp_path):
+    """No launcher watching: rank 0 must fail on its own (gloo error or the collective timeout)."""
+    root, manifest = data
+    cfg = write_config(tmp_path / "c.toml", manifest, tmp_path / "runs", "dead", 1000, 2)
+    (port,) = free_ports(1)
+    base = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK="0")
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(cfg), "train.dist_timeout_s=30"]
+    ranks = [start(cmd, tmp_path / f"rank{r}.log", RANK=str(r), **base) for r in (0, 1)]
+    try:
+        wait_for_step(tmp_path / "runs" / "dead", ranks[0], 2)
+        kill_job(ranks[1])
+        code = ranks[0].wait(180)  # a hang would end the test here with TimeoutExpired
+        assert code not in (0, None)
+    finally:
+        for proc in ranks:
+            kill_job(proc)
+
+
+def test_torchrun_max_restarts_resumes_from_checkpoint(data, reference):
+    """kill -9 of one worker: torchrun stops the other, starts a new attempt, which resumes from the newest checkpoint."""
+    root, manifest = data
+    run_dir, log = root / "runs" / "restart", root / "restart.log"
+    cfg = write_config(root / "restart.toml", manifest, root / "runs", "restart", STEPS, 2)
+    job = start(torchrun(2, cfg, "--resume", "auto", "checkpoint.every_steps=2", extra=("--max-restarts=1",)), log)
+    try:
+        wait_for_step(run_dir, job, 3)  # past the checkpoint of step 2
+        rank_processes(job)[1].kill()
+        killed_at = max(losses(run_dir))
+        assert job.wait(300) == 0, log.read_text()[-3000:]
+    finally:
+        kill_job(job)
+    assert killed_at < STEPS, "the job finished before its worker was killed: nothing was tested"
+    events = records(run_dir)
+    (restore,) = [i for i, r in enumerate(events) if r.get("event") == "restore"]
+    saved = [r["tag"] for r in events[:restore] if r.get("event") == "checkpoint"]
+    assert saved and events[restore]["from"].endswith(saved[-1])  # the newest checkpoint at the kill
+    text = log.read_text()
+    assert "failed (exitcode: -9) local_rank: 1" in text  # torchrun saw the kill, and went on in the same run
+    assert f"resumed from {events[restore]['from']} at step {events[restore]['step']}" in text
+    assert losses(run_dir) == reference(2)
+
+
+def test_two_nodes_on_one_machine_match_two_ranks(data, reference):
+    """Two torchrun agents (--nnodes=2, node ranks 0 and 1) meeting over 127.0.0.1: one 2 x 1 job."""
+    root, manifest = data
+    cfg = write_config(root / "nodes.toml", manifest, root / "runs", "nodes", STEPS, 2)
+    (port,) = free_ports(1)
+    agents = [start([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={n}",
+                     "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                     "-m", "pipeline.cli", "train", "--config", str(cfg)], root / f"node{n}.log") for n in (0, 1)]
+    try:
+        assert [a.wait(300) for a in agents] == [0, 0], (root / "node0.log").read_text()[-3000:]
+    finally:
+        for a in agents:
+            kill_job(a)
+    assert losses(root / "runs" / "nodes") == reference(2)
+
+
+def test_changed_model_is_refused(data, tmp_path):
+    root, manifest = data
+    cfg = write_config(tmp_path / "c.toml", manifest, tmp_path / "runs", "refuse", 2, 1)
+    assert run(torchrun(1, cfg), tmp_path / "a.log") == 0
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--config", str(cfg), "--resume", "auto",
+                           "model.mask_ratio=0.5", "train.steps=4"], capture_output=True, text=True,
+                          env=subprocess_env())
+    assert done.returncode == 2
+    assert "model.mask_ratio: 0.75 -> 0.5" in done.stderr
+
+
+@pytest.mark.integration
+def test_ray_train_workers_match_torchrun(data, reference, tmp_path):
+    """jobs/train_ray.py: two Ray Train CPU workers (gloo) run the same training as torchrun's two ranks."""
+    root, manifest = data
+    cfg = write_config(root / "ray.toml", manifest, root / "runs", "ray", STEPS, 2)
+    env = subprocess_env(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_ADDRESS="")
+    done = subprocess.run([sys.executable, "-m", "jobs.train_ray", "--config", str(cfg), "--workers", "2"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert losses(root / "runs" / "ray") == reference(2)
