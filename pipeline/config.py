@@ -127,8 +127,8 @@ class OptimConfig:
     """Clip the global gradient norm to this value; 0 turns clipping off (MAE pretraining does not clip)."""
 
     def check(self) -> None:
-        if self.base_lr <= 0 and self.lr <= 0:
-            raise ConfigError(f"optim.base_lr={self.base_lr}: must be positive (or set optim.lr > 0)")
+        if self.base_lr <= 0:
+            raise ConfigError(f"optim.base_lr={self.base_lr}: must be positive")
         if self.lr < 0:
             raise ConfigError(f"optim.lr={self.lr}: must be positive, or 0 to use optim.base_lr")
         if self.min_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0:
