@@ -193,15 +193,7 @@ def test_ray_cluster_driver_failure_fails_job(slurm, tmp_path):
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0", log.read_text()
 
 
-def _shard_cli_has_groups(env: dict) -> bool:
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "shard", "--help"], env=env, capture_output=True,
-                         text=True, timeout=120)
-    return out.returncode == 0 and "--group" in out.stdout
-
-
 def test_shard_array_builds_shares_then_manifest(slurm, tmp_path):
-    if not _shard_cli_has_groups(slurm):
-        pytest.skip("`maepipe shard` has no --group I/N here (branch shards adds it): slurm/shard_array.sbatch needs it")
     # an image folder: class subfolders become labels
     images, labels = fashion_arrays("train", 60)
     for i, (image, label) in enumerate(zip(images, labels)):
