@@ -65,7 +65,10 @@ def test_sigusr1_then_kill9_resume_is_bitwise(data, reference, stage):
     job.wait(120)
     summary = json.loads((run_dir / "train_summary.json").read_text())
     assert summary["exit_code"] == EXIT_REQUEUE and summary["steps"] < STEPS, log.read_text()[-3000:]
-    assert log.read_text().count("exitcode  : 75") == 2  # torchrun's report: both ranks exited 75
+    # torchrun's report: the first rank out exited 75; torchrun then tears the job down, so the other
+    # rank either exited 75 too or got torchrun's SIGTERM after the final barrier (the save was complete)
+    report = log.read_text()
+    assert report.count("exitcode  : 75") + report.count("exitcode  : -15") == 2 and "exitcode  : 75" in report
     stopped = summary["steps"]
 
     # 2. resume, then kill -9 the whole job a few steps later (past at least one periodic checkpoint)

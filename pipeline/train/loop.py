@@ -241,6 +241,9 @@ def train(cfg: RunConfig) -> int:
         sink.close()
         (run_dir / "train_summary.json").write_text(json.dumps({"steps": step, "exit_code": exit_code,
                                                                 "nonfinite_skipped": skips}) + "\n")
+    # sync point: ranks leave together; launchers (torchrun, srun) tear the job down at the first
+    # non-zero exit, which would otherwise kill a rank still finishing its own exit path
+    torch.distributed.barrier()
     return exit_code
 
 
