@@ -8,6 +8,7 @@ encoder on the same split -> RUN/report.md with the table, a loss curve and reco
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     shard_s = time.monotonic() - started
 
     # 2. pretraining, bounded by time (the config's step count sets the lr schedule)
-    cfg = load_config(DEMO_CONFIG, [f"data.manifest={str(shards)!r}", f"out_dir={str(out)!r}", "name='run'",
+    cfg = load_config(DEMO_CONFIG, [f"data.manifest={json.dumps(str(shards))}", f"out_dir={json.dumps(str(out))}", "name='run'",
                                     f"train.time_limit_minutes={args.minutes}",
                                     f"eval.max_train_samples={args.eval_train_samples}", *args.overrides])
     train_started = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from pipeline.config import describe, load_config
@@ -22,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
     if args.help_config:
         print(describe())
         return 0
-    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume!r}".replace("'", '"')] if args.resume else [])
+    # a JSON string is a valid TOML basic string, whatever the path holds
+    overrides = list(args.overrides) + ([f"checkpoint.resume={json.dumps(args.resume)}"] if args.resume else [])
     cfg = load_config(args.config, overrides)
     from pipeline.train.loop import train
 
