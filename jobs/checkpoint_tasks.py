@@ -51,6 +51,7 @@ def evaluate_checkpoint(ckpt: str, which: list[str], overrides: list[str], basel
     (and the baselines when asked), each tagged with the checkpoint, its step and the data."""
     from pipeline.eval.cli import apply_overrides
     from pipeline.eval.evaluate import evaluate
+    from pipeline.eval.runs import tag_rows
     from pipeline.train.checkpoint import load_pretrained, read_client_state
 
     _logging()
@@ -58,10 +59,7 @@ def evaluate_checkpoint(ckpt: str, which: list[str], overrides: list[str], basel
     cfg = apply_overrides(cfg.to_dict(), overrides)
     step = read_client_state(ckpt)["step"]
     rows = evaluate(model, cfg, tuple(which), baselines=baselines)
-    now = time.time()
-    for r in rows:
-        r.update(checkpoint=ckpt, step=step, data=cfg.data.manifest, time=now)
-    return rows
+    return tag_rows(rows, ckpt, step, cfg.data.manifest)
 
 
 def upload_checkpoint(local: str, remote_dir: str) -> dict:

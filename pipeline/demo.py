@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from data_shards.storage import exists
     from pipeline.eval.evaluate import evaluate
     from pipeline.eval.report import write_report
-    from pipeline.eval.runs import EVALS, append_jsonl
+    from pipeline.eval.runs import EVALS, append_jsonl, tag_rows
     from pipeline.train.checkpoint import find_checkpoint, load_pretrained, read_client_state
     from pipeline.train.loop import train
 
@@ -76,8 +76,7 @@ def run(args: argparse.Namespace) -> int:
     eval_started = time.monotonic()
     rows = evaluate(model, cfg, ("knn", "linear"), baselines=True)
     step = read_client_state(ckpt)["step"]
-    for row in rows:
-        row.update(checkpoint=ckpt, step=step, data=cfg.data.manifest, time=time.time())
+    tag_rows(rows, ckpt, step, cfg.data.manifest)
     append_jsonl(f"{run_dir}/{EVALS}", rows)
     eval_s = time.monotonic() - eval_started
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 
 from pipeline.config import ConfigError, config_from_dict, parse_override
 
@@ -58,7 +57,7 @@ def print_table(rows: list[dict]) -> None:
 def run(args) -> int:
     from data_shards import storage
     from pipeline.eval.evaluate import evaluate
-    from pipeline.eval.runs import EVALS, append_jsonl, run_of
+    from pipeline.eval.runs import EVALS, append_jsonl, run_of, tag_rows
     from pipeline.train.checkpoint import find_checkpoint, load_pretrained, read_client_state
 
     which = tuple(name for name in ("knn", "linear", "finetune") if getattr(args, name)) or ("knn", "linear")
@@ -70,9 +69,7 @@ def run(args) -> int:
     log.info("evaluating %s (step %d) on %s: %s%s", ckpt, step, cfg.data.manifest, ", ".join(which),
              " + baselines" if args.baselines else "")
     rows = evaluate(model, cfg, which, baselines=args.baselines)
-    now = time.time()
-    for r in rows:
-        r.update(checkpoint=ckpt, step=step, data=cfg.data.manifest, time=now)
+    tag_rows(rows, ckpt, step, cfg.data.manifest)
     print_table(rows)
     out = args.out or storage.join(run_of(ckpt), EVALS)
     append_jsonl(out, rows)

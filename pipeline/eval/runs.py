@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from data_shards import storage
 
@@ -33,3 +34,11 @@ def append_jsonl(url: str, rows: list[dict]) -> None:
     if old and not old.endswith("\n"):
         old += "\n"
     storage.write_atomic(url, (old + "".join(json.dumps(r) + "\n" for r in rows)).encode())
+
+
+def tag_rows(rows: list[dict], checkpoint: str, step: int, data: str) -> list[dict]:
+    """Mark evaluation rows with what they measured, as every writer of evals.jsonl does."""
+    now = time.time()
+    for r in rows:
+        r.update(checkpoint=checkpoint, step=step, data=data, time=now)
+    return rows
