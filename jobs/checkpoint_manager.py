@@ -154,10 +154,10 @@ def init_ray() -> None:
 
 def check_overrides(plan: Plan, tag: str) -> None:
     """Fail fast (exit 2) on an override the checkpoint's config rejects, not once per task."""
-    from pipeline.eval.cli import apply_overrides
+    from pipeline.config import apply_overrides, config_from_dict
     from pipeline.train.checkpoint import read_client_state
 
-    apply_overrides(read_client_state(storage.join(plan.ckpts, tag))["config"], list(plan.overrides))
+    apply_overrides(config_from_dict(read_client_state(storage.join(plan.ckpts, tag))["config"]), plan.overrides)
 
 
 def run_pass(plan: Plan, state: dict, todo: list[tuple[str, list[str]]]) -> int:

@@ -47,19 +47,11 @@ def consolidate(ckpt: str, out: str) -> dict:
 
 
 def evaluate_checkpoint(ckpt: str, which: list[str], overrides: list[str], baselines: bool) -> list[dict]:
-    """The rows `maepipe eval CKPT` would append: the chosen protocols on the checkpoint's encoder
-    (and the baselines when asked), each tagged with the checkpoint, its step and the data."""
-    from pipeline.eval.cli import apply_overrides
-    from pipeline.eval.evaluate import evaluate
-    from pipeline.eval.runs import tag_rows
-    from pipeline.train.checkpoint import load_pretrained, read_client_state
+    """The rows `maepipe eval CKPT` would append (pipeline.eval.evaluate.evaluate_checkpoint)."""
+    from pipeline.eval.evaluate import evaluate_checkpoint as evaluate
 
     _logging()
-    model, cfg = load_pretrained(ckpt)
-    cfg = apply_overrides(cfg.to_dict(), overrides)
-    step = read_client_state(ckpt)["step"]
-    rows = evaluate(model, cfg, tuple(which), baselines=baselines)
-    return tag_rows(rows, ckpt, step, cfg.data.manifest)
+    return evaluate(ckpt, tuple(which), overrides, baselines)
 
 
 def upload_checkpoint(local: str, remote_dir: str) -> dict:

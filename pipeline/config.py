@@ -365,6 +365,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML: {err}") from err
         _apply(cfg, "", values)
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
+    """Apply `section.key=value` overrides in order (in place) and check the result."""
     for text in overrides:
         keys, value = parse_override(text)
         nested: Any = value

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pipeline.config import ConfigError, config_from_dict, parse_override
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +30,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def apply_overrides(cfg_dict: dict, overrides: list[str]):
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = cfg_dict
-        for k in keys[:-1]:
-            if not isinstance(node.get(k), dict):
-                raise ConfigError(f"override {text!r}: {k!r} is not a config section")
-            node = node[k]
-        node[keys[-1]] = value
-    return config_from_dict(cfg_dict).check()
-
-
 def print_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -56,20 +43,14 @@ def print_table(rows: list[dict]) -> None:
 
 def run(args) -> int:
     from data_shards import storage
-    from pipeline.eval.evaluate import evaluate
-    from pipeline.eval.runs import EVALS, append_jsonl, run_of, tag_rows
-    from pipeline.train.checkpoint import find_checkpoint, load_pretrained, read_client_state
+    from pipeline.eval.evaluate import evaluate_checkpoint
+    from pipeline.eval.runs import EVALS, append_jsonl, run_of
+    from pipeline.train.checkpoint import find_checkpoint
 
     which = tuple(name for name in ("knn", "linear", "finetune") if getattr(args, name)) or ("knn", "linear")
     ckpt = find_checkpoint(args.checkpoint)
-    model, cfg = load_pretrained(ckpt)
     overrides = ([f"data.manifest={args.data!r}"] if args.data else []) + list(args.overrides)
-    cfg = apply_overrides(cfg.to_dict(), overrides)
-    step = read_client_state(ckpt)["step"]
-    log.info("evaluating %s (step %d) on %s: %s%s", ckpt, step, cfg.data.manifest, ", ".join(which),
-             " + baselines" if args.baselines else "")
-    rows = evaluate(model, cfg, which, baselines=args.baselines)
-    tag_rows(rows, ckpt, step, cfg.data.manifest)
+    rows = evaluate_checkpoint(ckpt, which, overrides, baselines=args.baselines)
     print_table(rows)
     out = args.out or storage.join(run_of(ckpt), EVALS)
     append_jsonl(out, rows)

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from pipeline.config import RunConfig
-from pipeline.eval.features import FeatureCache, check_labelled, encoder_features, raw_pixels, split_loader
+from pipeline.config import RunConfig, apply_overrides
+from pipeline.eval.features import FeatureCache, check_labelled, raw_pixels, split_loader
 from pipeline.eval.finetune import finetune
 from pipeline.eval.knn import knn_accuracy
 from pipeline.eval.linear import LinearProbe, head_accuracy, probe_head, train_head
@@ -109,3 +109,18 @@ def _evaluate(model: MAE | None, cfg: RunConfig, which: tuple[str, ...], baselin
                 f"pool={ev.pool}", out["top1"], out["train_samples"], out["test_samples"], out["wall_s"],
                 steps=out["steps"], images_per_s=round(out["images_per_s"], 1))
     return rows
+
+
+def evaluate_checkpoint(ckpt: str, which: tuple[str, ...], overrides: list[str] | tuple[str, ...] = (),
+                        baselines: bool = False) -> list[dict]:
+    """The rows `maepipe eval CKPT` appends: `evaluate` on a checkpoint folder (local or remote) with
+    its saved config plus `overrides`, each row tagged with the checkpoint, its step and the data."""
+    from pipeline.eval.runs import tag_rows
+    from pipeline.train.checkpoint import load_pretrained, read_client_state
+
+    model, cfg = load_pretrained(ckpt)
+    cfg = apply_overrides(cfg, overrides)
+    step = read_client_state(ckpt)["step"]
+    log.info("evaluating %s (step %d) on %s: %s%s", ckpt, step, cfg.data.manifest, ", ".join(which),
+             " + baselines" if baselines else "")
+    return tag_rows(evaluate(model, cfg, tuple(which), baselines=baselines), ckpt, step, cfg.data.manifest)

@@ -66,12 +66,6 @@ def extract(fn: FeatureFn, loader: StreamingLoader) -> Features:
     return out
 
 
-def encoder_features(encoder: torch.nn.Module, pool: str) -> FeatureFn:
-    """Frozen encoder -> feature function ([cls] token or mean of patch tokens, after the final norm)."""
-    encoder.eval()
-    return lambda imgs: encoder.features(imgs, pool)
-
-
 def raw_pixels(imgs: torch.Tensor) -> torch.Tensor:
     """The baseline representation: the normalized pixels themselves, flattened."""
     return imgs.flatten(1)
