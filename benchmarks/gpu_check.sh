@@ -26,9 +26,9 @@ sys.exit(0 if torch.cuda.is_available() else 3)' || cuda=$?
 cat "$DEST/env.txt"
 
 if [ "$cuda" = 0 ]; then
-    # ~8 s of timed steps per row; compilation dominates. The budget stops new rows after 300 s so the whole
+    # ~8 s of timed steps per row; compilation dominates. The budget stops new rows after 240 s so the whole
     # command ends well inside a 540 s device call; the JSON is rewritten after every row, so a cut run keeps its rows.
-    mode=(--budget-s 300)
+    mode=(--budget-s 240)
 elif [ "$cuda" = 3 ]; then
     echo "no CUDA device: running the CPU --smoke mode (tiny shapes; these figures say nothing about a GPU)"
     mode=(--smoke)

@@ -278,7 +278,7 @@ def print_table(report: dict) -> None:
         console.print(f"{c['preset']}: fp32 loss ours {c['loss_ours']:.6f} peer {c['loss_peer']:.6f} "
                       f"(|diff| {c['abs_diff']:.2e}, our weights in the peer)")
     if d.get("matmul_tflops"):
-        console.print(f"bf16 matmul {report['settings']['matmul_n']}^3: {d['matmul_tflops']:.1f} TFLOP/s measured; "
+        console.print(f"bf16 matmul {report['settings']['matmul_n']}^3: {d['matmul_tflops']:.3g} TFLOP/s measured; "
                       f"datasheet bf16 peak {d['peak_tflops_bf16'] or '-'}")
 
 
