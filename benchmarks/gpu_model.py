@@ -19,6 +19,7 @@ ratio compares two implementations of one function. Needs only torch (+ timm for
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -178,7 +179,11 @@ def time_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[lis
 
 def measure(model_name: str, variant: str, cfg: ModelConfig, batch: int, warmup: int, steps: int,
             device: torch.device, compile_backend: str) -> dict:
-    """One (model, variant): fresh model and optimizer, synthetic images, timed full training steps."""
+    """One (model, variant): fresh model and optimizer, synthetic images, timed full training steps.
+    Peak memory counts from before the model is built: weights, grads, AdamW state and activations."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
     torch.manual_seed(0)
     model = BUILDERS[model_name](cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05,
@@ -195,9 +200,6 @@ def measure(model_name: str, variant: str, cfg: ModelConfig, batch: int, warmup:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     if sdpa is not None:
         with sdpa_kernel([sdpa]):
             times, first = time_steps(step, warmup, steps, device)
@@ -206,8 +208,9 @@ def measure(model_name: str, variant: str, cfg: ModelConfig, batch: int, warmup:
     median = statistics.median(times)
     out = {"step_ms": median * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
            "images_per_s": batch / median, "first_step_s": first,
-           "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-    del model, opt, forward, imgs
+           "peak_mem_gb": (torch.cuda.max_memory_allocated() - base_mem) / 2**30 if device.type == "cuda" else None}
+    if variant == "bf16_compiled":
+        torch._dynamo.reset()  # its caches hold the compiled model (and so its weights) otherwise
     return out
 
 
@@ -345,8 +348,10 @@ def main(argv=None) -> int:
                         row["tflops"] = flops * row["images_per_s"] / 1e12
                         row["mfu"] = row["tflops"] / peak if peak else None
                         row["status"] = "ok"
-                    except Exception as e:  # one failed variant (no kernel for a forced backend, OOM) must not end the lease
-                        row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    except Exception as e:  # a failed row (no kernel for a forced backend, OOM) must not end the lease
+                        first_line = (str(e).splitlines() or [""])[0]
+                        row["status"] = f"error: {type(e).__name__}: {first_line[:200]}"
+                    gc.collect()  # the row's model, optimizer and (on an error) traceback frames
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 report["results"].append(row)
