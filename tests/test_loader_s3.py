@@ -129,6 +129,7 @@ def test_server_restart_mid_epoch_delivers_every_sample_once(tmp_path):
             outage.join()
             ids = flat(batches)
             assert len(batches) == 100 and sorted(ids) == list(range(400))
+            assert loader.take_metrics()["retries"] >= 1  # the outage's re-sent requests, whichever layer sent them
             assert "weed" in server.log_path.read_text() and server.process.poll() is None
     finally:
         server.stop()
