@@ -6,11 +6,13 @@ and credentials come from the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCE
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import random
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 import fsspec
@@ -106,12 +108,60 @@ def write_atomic(url: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+# Retries inside the S3 client never reach `retry` above: botocore re-sends throttled, 5xx and dropped
+# requests itself (its retry handler; the attempt number is in the call's context), and s3fs re-issues
+# a call whose body broke off (the same operation with the same parameters again). Both are counted
+# from the client's events into the ClientRetries of the read in progress. That read runs on fsspec's
+# event-loop thread, but asyncio schedules it in a copy of the caller's context: a ContextVar reaches it.
+@dataclass
+class ClientRetries:
+    count: int = 0
+    calls: set = field(default_factory=set)  # (operation, parameters) issued in this attempt of the read
+
+
+_CLIENT_RETRIES: contextvars.ContextVar[ClientRetries | None] = contextvars.ContextVar("client_retries", default=None)
+
+
+def _on_call(model, params, **_) -> None:
+    retries = _CLIENT_RETRIES.get()
+    if retries is not None:
+        call = (model.name, repr(sorted(params.items())))
+        retries.count += call in retries.calls
+        retries.calls.add(call)
+
+
+def _on_call_done(context, **_) -> None:
+    retries = _CLIENT_RETRIES.get()
+    if retries is not None:
+        retries.count += context.get("retries", {}).get("attempt", 1) - 1
+
+
+def _watch_client(fs: fsspec.AbstractFileSystem) -> None:
+    """Hook the counters above into this process' client of an s3fs filesystem (idempotent).
+
+    Checked before every counted read, so a client that s3fs remakes (it does when its connection pool
+    was closed) is hooked from the next read on.
+    """
+    events = fs.s3.meta.events  # s3fs makes the client on first use, in the process that uses it
+    events.register("before-parameter-build.s3", _on_call, unique_id="maepipe-client-calls")
+    events.register("after-call.s3", _on_call_done, unique_id="maepipe-client-attempts")
+    events.register("after-call-error.s3", _on_call_done, unique_id="maepipe-client-attempts-error")
+
+
 def read_bytes(url: str, start: int | None = None, end: int | None = None, attempts: int = 8,
-               on_retry: Callable[[BaseException], None] | None = None) -> bytes:
-    """The object's bytes, or the byte range [start, end), with retries on transient errors."""
+               on_retry: Callable[[BaseException], None] | None = None,
+               on_client_retries: Callable[[int], None] | None = None) -> bytes:
+    """The object's bytes, or the byte range [start, end), with retries on transient errors.
+
+    on_retry is called for each of our own retries; on_client_retries, once, with the number of
+    requests the S3 client (botocore, s3fs) re-sent by itself meanwhile.
+    """
     fs, path = filesystem(url)
+    counted = on_client_retries is not None and url.split("://", 1)[0] in ("s3", "s3a")
+    client = ClientRetries()
 
     def read() -> bytes:
+        client.calls.clear()  # our own retry re-issues the same call: that one is counted by on_retry
         if start is None:
             return fs.cat_file(path)
         data = fs.cat_file(path, start=start, end=end)
@@ -119,7 +169,15 @@ def read_bytes(url: str, start: int | None = None, end: int | None = None, attem
             raise ConnectionResetError(f"short read of {url} [{start}, {end}): {len(data)} bytes")
         return data
 
-    return retry(read, f"read {url}", attempts=attempts, on_retry=on_retry)
+    if not counted:
+        return retry(read, f"read {url}", attempts=attempts, on_retry=on_retry)
+    _watch_client(fs)
+    token = _CLIENT_RETRIES.set(client)
+    try:
+        return retry(read, f"read {url}", attempts=attempts, on_retry=on_retry)
+    finally:
+        _CLIENT_RETRIES.reset(token)
+        on_client_retries(client.count)
 
 
 def exists(url: str) -> bool:

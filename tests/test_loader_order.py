@@ -93,3 +93,24 @@ def test_keep_splits_evenly_and_covers_every_sample_once(world, workers, batch):
         for w in range(W):
             full = len(range(w, nb_rank, W)) * batch
             assert full - total(plan.streams[(r, w)]) == (nb_rank * batch - shares[r] if (nb_rank - 1) % W == w else 0)
+
+
+@pytest.mark.parametrize("old,new", [((3, 2), (2, 2)), ((3, 1), (1, 0)), ((2, 5), (3, 2)), ((4, 0), (3, 3))])
+@pytest.mark.parametrize("done", [0, 1, 2, 3, 5, 9])
+def test_wrap_padding_is_not_carried_into_an_elastic_resume(old, new, done):
+    """Under wrap, the old plan's padding (repeats of the epoch's first samples) is no part of what is left:
+    the consumed real samples plus the remainder are each sample exactly once, and the new plan pads only
+    its own last global batch."""
+    n, batch = sum(COUNTS), 4
+    plan = Plan(Layout(*old, batch, "wrap"), [(0, n)])
+    assert total(plan.remaining) < plan.batches_per_rank * old[0] * batch  # this layout pads
+    done = min(done, plan.batches_per_rank)
+    consumed = []
+    for (r, w), ivs in plan.streams.items():
+        consumed += positions_of(take(ivs, 0, plan.consumed_samples(w, done)))
+    real = set(consumed)  # a padded repeat consumed before the stop is a sample already seen
+    left = positions_of(plan.remaining_after(done))
+    assert sorted(real | set(left)) == list(range(n)) and not real & set(left) and len(left) == len(set(left))
+    nxt = Plan(Layout(*new, batch, "wrap"), plan.remaining_after(done))
+    used = positions_of([iv for s in nxt.streams.values() for iv in s])
+    assert set(used) == set(left) and len(used) - len(left) < new[0] * batch

@@ -152,3 +152,15 @@ def test_too_few_samples_for_one_batch_is_a_clear_error(shards):
 
     with pytest.raises(DataStop, match="fewer than one global batch"):
         StreamingLoader(config(shards, 0, batch=16), 16, 1, world=2, split="val")
+
+
+@pytest.mark.parametrize("old,new,steps", [((3, 2), (2, 2), 5), ((3, 2), (1, 0), 0), ((2, 3), (3, 1), 8)])
+def test_elastic_resume_under_wrap_repeats_only_the_new_plans_padding(shards, old, new, steps):
+    """remainder=wrap: real samples are neither lost nor repeated across the stop; the only repeats are
+    those the new layout needs to fill its last global batch (< new world x batch)."""
+    before, state, _ = consume(shards, *old, steps, remainder="wrap")
+    assert len(before) == len(set(before)) == steps * old[0] * 4
+    after, _, ranks = consume(shards, *new, None, state, remainder="wrap")
+    assert not set(before) & set(after) and set(before) | set(after) == set(range(N))
+    assert len(before) + len(after) - N == len(after) - len(set(after)) < new[0] * 4
+    assert len(after) == ranks[0].plan().batches_per_rank * new[0] * 4

@@ -1,5 +1,6 @@
 """Streaming from s3:// on a real SeaweedFS server: worker processes, network faults, a server outage."""
 
+import os
 import threading
 
 import pytest
@@ -53,8 +54,6 @@ class Faults:
 
 def test_cut_reads_and_slowdowns_are_retried_without_repeating_or_skipping(s3_bucket, local, monkeypatch):
     remote = write_small_dataset(f"{s3_bucket}/faulty", {"train": SHARDS})
-    import os
-
     proxy = FaultProxy(os.environ["AWS_ENDPOINT_URL"], Faults())
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)  # the loader (and its forked workers) go through it
     try:
@@ -65,9 +64,47 @@ def test_cut_reads_and_slowdowns_are_retried_without_repeating_or_skipping(s3_bu
         proxy.close()
     actions = [a for _, _, a in proxy.log]
     assert actions.count("cut") >= 7 and actions.count("slowdown") == 2
-    assert metrics["retries"] >= 1  # our whole-range re-read, after s3fs gave up on the cut range
+    # every failed request was re-sent once, by botocore, s3fs or our whole-range re-read (after s3fs gave
+    # up on the range cut 6 times), and each of those re-sends is in the metric
+    assert metrics["retries"] == actions.count("cut") + actions.count("slowdown")
     expect = list(loaders(local, 1, 2)[0].epoch_batches())
     assert same_batches(got, expect)  # every batch bitwise as without faults: no repeat, no gap
+
+
+class ClientFaults:
+    """First request of every 3rd distinct shard range: 503 SlowDown (botocore's retry handler re-sends it);
+    of every 5th (not 15th): cut half way through the body (s3fs re-issues the GetObject). Nothing reaches
+    our own retry wrapper."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, method, path, headers):
+        if method != "GET" or ".tar" not in path or ".idx" in path or "range" not in headers:
+            return "pass"
+        key = (path, headers["range"])
+        if key in self.seen:
+            return "pass"
+        self.seen.append(key)
+        i = len(self.seen)
+        return "slowdown" if i % 3 == 0 else "cut" if i % 5 == 0 else "pass"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_retries_inside_the_s3_client_are_counted(s3_bucket, local, monkeypatch, workers):
+    remote = write_small_dataset(f"{s3_bucket}/client", {"train": SHARDS})
+    proxy = FaultProxy(os.environ["AWS_ENDPOINT_URL"], ClientFaults())
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    try:
+        loader = loaders(remote, 1, workers, window=8)[0]
+        got = list(loader.epoch_batches())
+        metrics = loader.take_metrics()
+    finally:
+        proxy.close()
+    actions = [a for _, _, a in proxy.log]
+    assert actions.count("slowdown") >= 3 and actions.count("cut") >= 1
+    assert metrics["retries"] == actions.count("slowdown") + actions.count("cut")
+    assert same_batches(got, list(loaders(local, 1, workers, window=8)[0].epoch_batches()))
 
 
 def test_server_restart_mid_epoch_delivers_every_sample_once(tmp_path):
@@ -92,6 +129,7 @@ def test_server_restart_mid_epoch_delivers_every_sample_once(tmp_path):
             outage.join()
             ids = flat(batches)
             assert len(batches) == 100 and sorted(ids) == list(range(400))
+            assert loader.take_metrics()["retries"] >= 1  # the outage's re-sent requests, whichever layer sent them
             assert "weed" in server.log_path.read_text() and server.process.poll() is None
     finally:
         server.stop()

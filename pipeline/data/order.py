@@ -21,6 +21,9 @@ State. After t batches per rank, stream (r, w) has consumed len(range(w, t, work
 The state is just {epoch, remaining at plan start, layout, t}: small JSON. Same layout: each
 stream restarts at its offset (exact resume). Another layout: the unconsumed tail of every
 stream, plus the samples the old plan left out, become the new "remaining" (elastic resume).
+Under `wrap` the padding (repeats of the first remaining samples, at the end of the plan's sequence)
+is never carried over: its samples are either consumed already or still left as themselves, and the
+new plan pads its own last global batch.
 """
 
 from __future__ import annotations
@@ -154,6 +157,7 @@ class Plan:
             per_rank = [nb * L.batch] * L.world
         self.batches_per_rank = nb
         self.streams = {}
+        self._spans: dict[tuple[int, int], tuple[int, int]] = {}  # (rank, worker) -> [start, end) in seq
         W = L.streams_per_rank
         offset = 0
         for r, n_rank in enumerate(per_rank):
@@ -163,6 +167,7 @@ class Plan:
                 if nb_rank and (nb_rank - 1) % W == w:  # this stream holds the rank's (maybe short) last batch
                     n -= nb_rank * L.batch - n_rank
                 self.streams[(r, w)] = take(seq, offset, offset + n)
+                self._spans[(r, w)] = (offset, offset + n)
                 offset += n
         self.unassigned = take(seq, offset, total(seq)) if L.remainder == "drop" else []
 
@@ -171,8 +176,10 @@ class Plan:
 
     def remaining_after(self, batches_done: int) -> list[Interval]:
         """What this epoch has left after every rank consumed `batches_done` batches."""
+        # seq offsets from total(remaining) on are wrap padding: cut off, so no sample is carried twice
+        real = total(self.remaining)
         left: list[Interval] = []
-        for (r, w), intervals in self.streams.items():
+        for (_, w), (start, end) in self._spans.items():
             done = self.consumed_samples(w, batches_done)
-            left += take(intervals, done, total(intervals))
+            left += take(self.remaining, start + done, min(end, real))
         return merge(left + self.unassigned)

@@ -53,6 +53,9 @@ class ReadStats:
     def count_retry(self, _err: BaseException) -> None:
         self.retries += 1
 
+    def count_client_retries(self, n: int) -> None:
+        self.retries += n
+
 
 @dataclass
 class ShardReader:
@@ -68,7 +71,8 @@ class ShardReader:
         """Bytes [start, end) of url; a read that dies half way is re-issued whole (storage.read_bytes),
         so samples are only ever parsed from complete ranges: no repeats, no gaps."""
         try:
-            data = storage.read_bytes(url, start, end, attempts=self.attempts, on_retry=self.stats.count_retry)
+            data = storage.read_bytes(url, start, end, attempts=self.attempts, on_retry=self.stats.count_retry,
+                                      on_client_retries=self.stats.count_client_retries)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"{what} {url} is listed in {self.manifest.url} but missing: restore it, or rebuild the "
