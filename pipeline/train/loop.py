@@ -58,6 +58,17 @@ class StopFlag:
     def _handle(self, signum, _frame):
         self.signal = signum
 
+    def ignore_from_now(self) -> None:
+        """The run is over and saved: later notices are ignored, so this rank exits with its own code.
+
+        After the first rank exits non-zero (75), torchrun and srun SIGTERM the others. A Python handler
+        would catch that, but interpreter shutdown puts SIGTERM back to its default (fatal) action while
+        the rank is still tearing down, so it would end as -15. SIG_IGN survives that shutdown.
+        """
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGUSR1, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+
     @property
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
@@ -244,6 +255,7 @@ def train(cfg: RunConfig) -> int:
     # sync point: ranks leave together; launchers (torchrun, srun) tear the job down at the first
     # non-zero exit, which would otherwise kill a rank still finishing its own exit path
     torch.distributed.barrier()
+    stop.ignore_from_now()
     return exit_code
 
 
