@@ -9,14 +9,17 @@ is checked on the sample ids each rank consumed: none repeated, none lost.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 
+import psutil
 import pytest
 
-from tests.conftest import subprocess_env
+from tests.conftest import ROOT, subprocess_env
 from tests.helpers import write_small_dataset
 from tests.servers import free_ports
 from tests.train_runs import (consumed, kill_job, losses, rank_processes, records, run, start, torchrun,
@@ -40,13 +43,14 @@ def reference(data):
     root, manifest = data
     made = {}
 
-    def get(stage: int) -> dict[int, float]:
-        if stage not in made:
-            cfg = write_config(root / f"ref{stage}.toml", manifest, root / "runs", f"ref{stage}", STEPS, stage)
-            assert run(torchrun(2, cfg), root / f"ref{stage}.log") == 0, (root / f"ref{stage}.log").read_text()[-3000:]
-            made[stage] = losses(root / "runs" / f"ref{stage}")
-            assert sorted(made[stage]) == list(range(1, STEPS + 1))
-        return made[stage]
+    def get(stage: int, steps: int = STEPS) -> dict[int, float]:
+        if (stage, steps) not in made:
+            name = f"ref{stage}" if steps == STEPS else f"ref{stage}-{steps}"
+            cfg = write_config(root / f"{name}.toml", manifest, root / "runs", name, steps, stage)
+            assert run(torchrun(2, cfg), root / f"{name}.log") == 0, (root / f"{name}.log").read_text()[-3000:]
+            made[stage, steps] = losses(root / "runs" / name)
+            assert sorted(made[stage, steps]) == list(range(1, steps + 1))
+        return made[stage, steps]
 
     return get
 
@@ -185,3 +189,67 @@ def test_ray_train_workers_match_torchrun(data, reference, tmp_path):
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert losses(root / "runs" / "ray") == reference(2)
+
+
+def _ray_job(ray_head, *args: str) -> str:
+    done = subprocess.run(["ray", "job", *args, "--address", ray_head.dashboard], capture_output=True, text=True,
+                          env=subprocess_env(**ray_head.env()), timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def _train_workers(ray_head, since: float) -> list[psutil.Process]:
+    """This cluster's Ray Train worker processes started after `since` (the run's own workers)."""
+    return sorted((p for p in psutil.Process(ray_head.process.pid).children(recursive=True)
+                   if "RayTrainWorker" in " ".join(p.cmdline()) and p.create_time() >= since), key=lambda p: p.pid)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ray_train_preemption_saves_and_resumes_bitwise(data, reference, ray_head):
+    """A Ray Train run stopped by `ray job stop` (SIGTERM to the driver), then by SIGTERM to one worker
+    process: each time every rank saves the same step and exits 75; resumed runs match an uninterrupted one."""
+    root, manifest = data
+    steps = 24  # 2.4 epochs: the notices land mid-run, and resumes cross epoch boundaries
+    run_dir, log = root / "runs" / "ray-preempt", root / "ray-preempt.log"
+    cfg = write_config(root / "ray-preempt.toml", manifest, root / "runs", "ray-preempt", steps, 2)
+    driver = [sys.executable, "-m", "jobs.train_ray", "--config", str(cfg), "--workers", "2", "--resume", "auto"]
+
+    # 1. a real job, stopped by `ray job stop`: its SIGTERM reaches the driver, which relays it to the workers
+    submitted = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", "ray", "train", "--address",
+                                ray_head.dashboard, "--no-wait", "--stop-wait-s", "300", "--", *driver[3:]],
+                               cwd=ROOT, env=subprocess_env(**ray_head.env()), capture_output=True, text=True, timeout=300)
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    (job_id,) = set(re.findall(r"raysubmit_\w+", submitted.stdout + submitted.stderr))
+    deadline = time.monotonic() + 300
+    while max(losses(run_dir), default=0) < 3:
+        status = _ray_job(ray_head, "status", job_id)
+        assert time.monotonic() < deadline and "FAILED" not in status and "SUCCEEDED" not in status, (
+            status + _ray_job(ray_head, "logs", job_id)[-3000:])
+        time.sleep(1)
+    _ray_job(ray_head, "stop", job_id)  # waits for the job to end
+    assert "STOPPED" in _ray_job(ray_head, "status", job_id)
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    first = summary["steps"]
+    job_log = _ray_job(ray_head, "logs", job_id)
+    assert summary["exit_code"] == EXIT_REQUEUE and first < steps, job_log[-3000:]
+    assert job_log.count(f"stopping at step {first}: preemption signal") == 2, job_log[-3000:]  # both ranks, same step
+    assert (run_dir / "checkpoints" / f"step-{first:08d}" / "client_state.json").exists()
+
+    # 2. the driver alone (joining the same cluster); SIGTERM to one worker process stops both ranks
+    started = time.time()
+    job = start(driver, log, **ray_head.env())
+    try:
+        wait_for_step(run_dir, job, first + 3)
+        (victim, *_) = _train_workers(ray_head, started)
+        victim.send_signal(signal.SIGTERM)
+        assert job.wait(300) == EXIT_REQUEUE, log.read_text()[-3000:]
+    finally:
+        kill_job(job)
+    second = json.loads((run_dir / "train_summary.json").read_text())["steps"]
+    assert first < second < steps and log.read_text().count(f"stopping at step {second}: preemption signal") == 2
+
+    # 3. resubmitted: finishes from the second checkpoint, every step's loss as in the uninterrupted run
+    assert run(driver, log, **ray_head.env()) == 0, log.read_text()[-3000:]
+    assert [r["step"] for r in records(run_dir) if r.get("event") == "restore"] == [first, second]
+    assert losses(run_dir) == reference(2, steps)
