@@ -204,6 +204,7 @@ def done_work(run: Path) -> dict[str, list[str]]:
     return json.loads(path.read_text())["done"] if path.exists() else {}
 
 
+@pytest.mark.integration
 def test_manager_polls_finetunes_a_new_checkpoint_once_and_stops_at_until_step(small_run, tmp_path):
     """Polling mode: step 2 is there at start, step 4 completes while the manager runs; each gets its
     work once (consolidation, a tiny fine-tune), the from-scratch baseline once, then --until-step 4 ends it."""
@@ -235,6 +236,7 @@ def test_manager_polls_finetunes_a_new_checkpoint_once_and_stops_at_until_step(s
         assert text.count(f"{tag}: finetune, ") == 1 and text.count(f"{tag}: consolidate -> ") == 1, text[-3000:]
 
 
+@pytest.mark.integration
 def test_manager_stops_cleanly_on_sigterm(small_run, tmp_path):
     """A polling manager with no stop condition (what `ray job stop` ends): SIGTERM while it waits for
     new checkpoints ends it with exit 0 and its state intact."""

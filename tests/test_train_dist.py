@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import ROOT, subprocess_env
 from tests.helpers import write_small_dataset
-from tests.servers import free_ports
+from tests.servers import free_ports, ray_env
 from tests.train_runs import (consumed, kill_job, losses, rank_processes, records, run, start, torchrun,
                               wait_for_step, write_config)
 
@@ -191,17 +191,17 @@ def test_ray_train_workers_match_torchrun(data, reference, tmp_path):
     assert losses(root / "runs" / "ray") == reference(2)
 
 
-def _ray_job(ray_head, *args: str) -> str:
-    done = subprocess.run(["ray", "job", *args, "--address", ray_head.dashboard], capture_output=True, text=True,
-                          env=subprocess_env(**ray_head.env()), timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout + done.stderr
-
-
 def _train_workers(ray_head, since: float) -> list[psutil.Process]:
     """This cluster's Ray Train worker processes started after `since` (the run's own workers)."""
     return sorted((p for p in psutil.Process(ray_head.process.pid).children(recursive=True)
                    if "RayTrainWorker" in " ".join(p.cmdline()) and p.create_time() >= since), key=lambda p: p.pid)
+
+
+def _last_step_per_rank(run_dir) -> dict[int, int]:
+    last: dict[int, int] = {}
+    for rank, step in consumed(run_dir):
+        last[rank] = max(last.get(rank, 0), step)
+    return last
 
 
 @pytest.mark.integration
@@ -209,31 +209,38 @@ def _train_workers(ray_head, since: float) -> list[psutil.Process]:
 def test_ray_train_preemption_saves_and_resumes_bitwise(data, reference, ray_head):
     """A Ray Train run stopped by `ray job stop` (SIGTERM to the driver), then by SIGTERM to one worker
     process: each time every rank saves the same step and exits 75; resumed runs match an uninterrupted one."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
     root, manifest = data
-    steps = 24  # 2.4 epochs: the notices land mid-run, and resumes cross epoch boundaries
+    steps = 60  # 6 epochs: the notices land mid-run with many steps to spare, and resumes cross epochs
     run_dir, log = root / "runs" / "ray-preempt", root / "ray-preempt.log"
     cfg = write_config(root / "ray-preempt.toml", manifest, root / "runs", "ray-preempt", steps, 2)
     driver = [sys.executable, "-m", "jobs.train_ray", "--config", str(cfg), "--workers", "2", "--resume", "auto"]
 
-    # 1. a real job, stopped by `ray job stop`: its SIGTERM reaches the driver, which relays it to the workers
+    # 1. a real job (`maepipe submit ray train`), stopped through the job API (what `ray job stop` calls):
+    # the supervisor's SIGTERM reaches the driver, which relays it to the workers
+    env = subprocess_env(MAEPIPE_SAMPLE_LOG="1", **ray_env())
+    env.pop("RAY_ADDRESS", None)  # else the job CLI ignores --address and asks the GCS for the dashboard
     submitted = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", "ray", "train", "--address",
-                                ray_head.dashboard, "--no-wait", "--stop-wait-s", "300", "--", *driver[3:]],
-                               cwd=ROOT, env=subprocess_env(**ray_head.env()), capture_output=True, text=True, timeout=300)
+                                ray_head.dashboard, "--no-wait", "--env", "MAEPIPE_SAMPLE_LOG", "--", *driver[3:]],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     (job_id,) = set(re.findall(r"raysubmit_\w+", submitted.stdout + submitted.stderr))
+    client = JobSubmissionClient(ray_head.dashboard)
     deadline = time.monotonic() + 300
     while max(losses(run_dir), default=0) < 3:
-        status = _ray_job(ray_head, "status", job_id)
-        assert time.monotonic() < deadline and "FAILED" not in status and "SUCCEEDED" not in status, (
-            status + _ray_job(ray_head, "logs", job_id)[-3000:])
-        time.sleep(1)
-    _ray_job(ray_head, "stop", job_id)  # waits for the job to end
-    assert "STOPPED" in _ray_job(ray_head, "status", job_id)
+        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
+        time.sleep(0.05)
+    assert client.stop_job(job_id)
+    while not (status := client.get_job_status(job_id)).is_terminal():
+        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
+        time.sleep(0.5)
+    job_log = client.get_job_logs(job_id)
+    assert status == JobStatus.STOPPED, job_log[-3000:]
     summary = json.loads((run_dir / "train_summary.json").read_text())
     first = summary["steps"]
-    job_log = _ray_job(ray_head, "logs", job_id)
     assert summary["exit_code"] == EXIT_REQUEUE and first < steps, job_log[-3000:]
-    assert job_log.count(f"stopping at step {first}: preemption signal") == 2, job_log[-3000:]  # both ranks, same step
+    assert "driver got SIGTERM" in job_log and _last_step_per_rank(run_dir) == {0: first, 1: first}
     assert (run_dir / "checkpoints" / f"step-{first:08d}" / "client_state.json").exists()
 
     # 2. the driver alone (joining the same cluster); SIGTERM to one worker process stops both ranks
@@ -247,9 +254,15 @@ def test_ray_train_preemption_saves_and_resumes_bitwise(data, reference, ray_hea
     finally:
         kill_job(job)
     second = json.loads((run_dir / "train_summary.json").read_text())["steps"]
-    assert first < second < steps and log.read_text().count(f"stopping at step {second}: preemption signal") == 2
+    assert first < second < steps and _last_step_per_rank(run_dir) == {0: second, 1: second}
 
-    # 3. resubmitted: finishes from the second checkpoint, every step's loss as in the uninterrupted run
+    # 3. resubmitted: finishes from the second checkpoint, every step's loss as in the uninterrupted run,
+    # and every sample of every epoch consumed exactly once
     assert run(driver, log, **ray_head.env()) == 0, log.read_text()[-3000:]
     assert [r["step"] for r in records(run_dir) if r.get("event") == "restore"] == [first, second]
     assert losses(run_dir) == reference(2, steps)
+    by_epoch: dict[int, Counter] = {}
+    for epoch, ids in consumed(run_dir).values():
+        by_epoch.setdefault(epoch, Counter()).update(ids)
+    assert sorted(by_epoch) == list(range(6)) and all(sorted(c) == list(range(160)) and set(c.values()) == {1}
+                                                      for c in by_epoch.values())
