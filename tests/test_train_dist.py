@@ -191,10 +191,10 @@ def test_ray_train_workers_match_torchrun(data, reference, tmp_path):
     assert losses(root / "runs" / "ray") == reference(2)
 
 
-def _train_workers(ray_head, since: float) -> list[psutil.Process]:
-    """This cluster's Ray Train worker processes started after `since` (the run's own workers)."""
-    return sorted((p for p in psutil.Process(ray_head.process.pid).children(recursive=True)
-                   if "RayTrainWorker" in " ".join(p.cmdline()) and p.create_time() >= since), key=lambda p: p.pid)
+def _train_workers(driver: subprocess.Popen) -> list[psutil.Process]:
+    """The Ray Train worker processes of a driver that started its own local Ray."""
+    return sorted((p for p in psutil.Process(driver.pid).children(recursive=True)
+                   if "RayTrainWorker" in " ".join(p.cmdline())), key=lambda p: p.pid)
 
 
 def _last_step_per_rank(run_dir) -> dict[int, int]:
@@ -207,8 +207,9 @@ def _last_step_per_rank(run_dir) -> dict[int, int]:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_ray_train_preemption_saves_and_resumes_bitwise(data, reference, ray_head):
-    """A Ray Train run stopped by `ray job stop` (SIGTERM to the driver), then by SIGTERM to one worker
-    process: each time every rank saves the same step and exits 75; resumed runs match an uninterrupted one."""
+    """A Ray Train job stopped by `ray job stop` (SIGTERM to the driver), resumed by a driver on its own
+    Ray and stopped by SIGTERM to one worker process: each time every rank saves the same step and exits
+    75; the run finished from there matches an uninterrupted one, loss for loss and sample for sample."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     root, manifest = data
@@ -243,12 +244,13 @@ def test_ray_train_preemption_saves_and_resumes_bitwise(data, reference, ray_hea
     assert "driver got SIGTERM" in job_log and _last_step_per_rank(run_dir) == {0: first, 1: first}
     assert (run_dir / "checkpoints" / f"step-{first:08d}" / "client_state.json").exists()
 
-    # 2. the driver alone (joining the same cluster); SIGTERM to one worker process stops both ranks
-    started = time.time()
-    job = start(driver, log, **ray_head.env())
+    # 2. the driver alone, on a Ray it starts (its workers inherit its environment); SIGTERM to one
+    # worker process stops both ranks
+    local = {**ray_env(), "RAY_ADDRESS": ""}
+    job = start(driver, log, **local)
     try:
         wait_for_step(run_dir, job, first + 3)
-        (victim, *_) = _train_workers(ray_head, started)
+        (victim, _) = _train_workers(job)
         victim.send_signal(signal.SIGTERM)
         assert job.wait(300) == EXIT_REQUEUE, log.read_text()[-3000:]
     finally:
@@ -258,7 +260,7 @@ def test_ray_train_preemption_saves_and_resumes_bitwise(data, reference, ray_hea
 
     # 3. resubmitted: finishes from the second checkpoint, every step's loss as in the uninterrupted run,
     # and every sample of every epoch consumed exactly once
-    assert run(driver, log, **ray_head.env()) == 0, log.read_text()[-3000:]
+    assert run(driver, log, **local) == 0, log.read_text()[-3000:]
     assert [r["step"] for r in records(run_dir) if r.get("event") == "restore"] == [first, second]
     assert losses(run_dir) == reference(2, steps)
     by_epoch: dict[int, Counter] = {}
