@@ -19,8 +19,12 @@ when RUN is remote; the local folder is training's to prune), and RUN/report.md 
 RUN/checkpoint_manager.json records, per checkpoint, the work done; a restarted manager does only what
 is missing (new protocols on old checkpoints included). A task's rows are appended before its work is
 recorded, so a crash between the two repeats that one task. Without RAY_ADDRESS (which `ray job
-submit` sets) the tasks run on a local 2-CPU Ray. Exit codes: 0 done; 1 a task failed (--once; a
-polling manager retries failed work at the next poll); 2 usage error.
+submit` sets) the tasks run on a local 2-CPU Ray.
+
+Stops: --once after one pass, --until-step N once that checkpoint's work is done, and on SIGTERM/SIGINT
+(`ray job stop` sends SIGTERM): at once when idle, else as soon as a running task finishes and is
+recorded; work not recorded is redone by the next manager. Exit codes: 0 done or stopped; 1 a task
+failed (--once; a polling manager retries failed work at the next poll); 2 usage error.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -39,6 +45,15 @@ from pipeline.config import ConfigError
 log = logging.getLogger("checkpoint_manager")
 STATE = "checkpoint_manager.json"
 PROTOCOLS = ("knn", "linear", "finetune")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def take_stop_signals(stop: threading.Event) -> None:
+    """SIGTERM/SIGINT set `stop` (checked between tasks and while idle) instead of ending the process.
+
+    Again after ray.init, which installs its own SIGTERM handler (exit at once)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, _frame: stop.set())
 
 
 @dataclass(frozen=True)
@@ -160,8 +175,8 @@ def check_overrides(plan: Plan, tag: str) -> None:
     apply_overrides(config_from_dict(read_client_state(storage.join(plan.ckpts, tag))["config"]), plan.overrides)
 
 
-def run_pass(plan: Plan, state: dict, todo: list[tuple[str, list[str]]]) -> int:
-    """Start every missing piece of work as a Ray task, record each as it finishes. -> failures."""
+def run_pass(plan: Plan, state: dict, todo: list[tuple[str, list[str]]], stop: threading.Event) -> int:
+    """Start every missing piece of work as a Ray task, record each as it finishes (until `stop`). -> failures."""
     import ray
 
     from jobs import checkpoint_tasks as tasks
@@ -190,11 +205,13 @@ def run_pass(plan: Plan, state: dict, todo: list[tuple[str, list[str]]]) -> int:
             refs[ref] = (tag, protocols, with_baselines)
     save_state(plan.run, state)
     failures = 0
-    while refs:
-        (ready,), _ = ray.wait(list(refs), num_returns=1)
-        tag, items, with_baselines = refs.pop(ready)
+    while refs and not stop.is_set():
+        ready, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)  # timeout: look at `stop` every second
+        if not ready:
+            continue
+        tag, items, with_baselines = refs.pop(ready[0])
         try:
-            result = ray.get(ready)
+            result = ray.get(ready[0])
         except Exception as err:  # noqa: BLE001 - one failed task must not stop the others; retried next pass
             failures += 1
             log.error("%s of %s failed: %s", "+".join(items), tag, err)
@@ -260,8 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checkpoint_manager: usage error: {err}", file=sys.stderr)
         return 2
     state = load_state(plan.run)
+    stop = threading.Event()
+    take_stop_signals(stop)
     checked = False
-    while True:
+    while not stop.is_set():
         todo = pending(plan, state)
         failures = 0
         if todo:
@@ -276,9 +295,13 @@ def main(argv: list[str] | None = None) -> int:
 
             if not ray.is_initialized():  # only when there is work: a pass with nothing new stays cheap
                 init_ray()
+                take_stop_signals(stop)
             log.info("%d checkpoint(s) with work to do in %s: %s", len(todo), plan.ckpts,
                      ", ".join(f"{t} ({'+'.join(m)})" for t, m in todo))
-            failures = finish_pass(plan, run_pass(plan, state, todo))
+            failures = run_pass(plan, state, todo, stop)
+            if stop.is_set():  # retention and the report wait for a pass that ran to its end
+                break
+            failures = finish_pass(plan, failures)
         else:
             log.info("nothing new in %s", plan.ckpts)
             if plan.prune_dir:  # retention alone (no per-checkpoint work), or copies added by training's uploader
@@ -287,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if failures else 0
         if args.until_step and reached(state, plan, args.until_step):
             return 0
-        time.sleep(args.poll_s)
+        stop.wait(args.poll_s)
+    log.info("stop requested: exiting (work recorded in %s is kept; the rest is redone next time)", STATE)
+    return 0
 
 
 if __name__ == "__main__":

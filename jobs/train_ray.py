@@ -6,6 +6,10 @@ Ray Train's TorchTrainer starts the workers, sets RANK/WORLD_SIZE/LOCAL_RANK/MAS
 process group (gloo on CPU, NCCL with --gpus); pipeline.train adopts it. The driver exits with the
 training's exit code (75 after a preemption checkpoint), read from RUN/train_summary.json.
 Connects to RAY_ADDRESS when set (e.g. under `ray job submit`), else starts a local Ray.
+
+Preemption: SIGTERM/SIGUSR1 to the driver (`ray job stop` sends SIGTERM) or to any worker process makes
+every rank save a checkpoint at the next step boundary and stop (jobs/stop_notice.py); `--resume auto`
+continues from it. Under `ray job stop`, RAY_JOB_STOP_WAIT_TIME_S must cover a step and a save.
 """
 
 from __future__ import annotations
@@ -21,11 +25,15 @@ def worker(config: dict) -> None:
     """Runs in every Ray Train worker (importable, so Ray can ship it)."""
     import logging
 
+    from jobs import stop_notice
     from pipeline.config import load_config
-    from pipeline.train.loop import train
+    from pipeline.train.loop import StopFlag, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    train(load_config(config["config"], config["overrides"]))
+    cfg = load_config(config["config"], config["overrides"])
+    stop = StopFlag(cfg.train.time_limit_minutes * 60)
+    stop_notice.attach(stop, config["stop"])
+    train(cfg, stop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray.train import RunConfig as RayRunConfig
     from ray.train import ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
+    from jobs.stop_notice import NoticeTorchConfig, StopRequest, relay_driver_signals
     from pipeline.config import ConfigError, load_config
 
     overrides = list(args.overrides) + ([f'checkpoint.resume="{args.resume}"'] if args.resume else [])
@@ -56,14 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     # a local Ray gets a small object store: training passes nothing through it
     ray.init(address=address or "local", include_dashboard=False,
              **({} if address else {"object_store_memory": 2**30}))
+    stop = StopRequest.remote()
+    relay_driver_signals(stop)  # after ray.init, which installs its own SIGTERM handler
     run_dir = cfg.run_dir.resolve()
-    config = {"config": str(Path(args.config).resolve()),
+    config = {"config": str(Path(args.config).resolve()), "stop": stop,
               "overrides": overrides + [f'out_dir="{run_dir.parent}"', f'name="{run_dir.name}"']}
     trainer = TorchTrainer(
         worker, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.gpus,
                                      resources_per_worker={"CPU": args.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if args.gpus else "gloo", timeout_s=int(args.timeout_s)),
+        torch_config=NoticeTorchConfig(backend="nccl" if args.gpus else "gloo", timeout_s=int(args.timeout_s)),
         run_config=RayRunConfig(name=f"{cfg.name}-ray", storage_path=str(run_dir / "ray")),
     )
     trainer.fit()

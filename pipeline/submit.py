@@ -86,6 +86,10 @@ def add_parser(sub) -> None:
         s.add_argument("--env", action="append", default=[], metavar="NAME",
                        help="pass the caller's value of this variable to the job (repeatable), e.g. AWS_ENDPOINT_URL")
         s.add_argument("--entrypoint-num-cpus", type=float, default=0, help="CPUs reserved for the driver (0: none)")
+        s.add_argument("--stop-wait-s", type=int, default=300 if name == "train" else 0,
+                       help="seconds `ray job stop` gives the job after its SIGTERM before SIGKILL "
+                            "(RAY_JOB_STOP_WAIT_TIME_S; 0: Ray's 3 s). train: a preempted run saves a checkpoint "
+                            "in that time (default %(default)s)")
         s.add_argument("--no-wait", action="store_true", help="return once submitted (default: follow the job's logs)")
         s.add_argument("--dry-run", action="store_true", help="print the ray job submit command, submit nothing")
         s.add_argument("args", nargs=argparse.REMAINDER, help=f"arguments of python -m {module} (after `--` if the first is an option)")
@@ -136,8 +140,11 @@ def ray_command(args: argparse.Namespace) -> list[str]:
         raise ConfigError(f"--env {', '.join(missing)}: not set in this environment (set it, or drop --env)")
     ray = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
     cmd = [ray, "job", "submit", "--address", args.address, "--working-dir", args.working_dir]
-    if args.env:
-        cmd += ["--runtime-env-json", json.dumps({"env_vars": {name: os.environ[name] for name in args.env}})]
+    env_vars = {name: os.environ[name] for name in args.env}
+    if args.stop_wait_s:  # read by the job's supervisor from the job's runtime env
+        env_vars["RAY_JOB_STOP_WAIT_TIME_S"] = str(args.stop_wait_s)
+    if env_vars:
+        cmd += ["--runtime-env-json", json.dumps({"env_vars": env_vars})]
     if args.entrypoint_num_cpus:
         cmd += ["--entrypoint-num-cpus", f"{args.entrypoint_num_cpus:g}"]
     if args.no_wait:

@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT, subprocess_env
 from tests.helpers import write_small_dataset
+from tests.train_runs import kill_job
 
 # configs/demo.toml made tiny: 4 steps, checkpoints at steps 2 and 4
 TRAIN = ["data.batch_size=16", "train.steps=4", "checkpoint.every_steps=2", "model.preset='micro'",
@@ -158,6 +161,7 @@ def test_submit_ray_renders_ray_job_submit():
     rc, words, _ = dry_run("train", "--no-wait", "--entrypoint-num-cpus", "1", "--", "--config", "configs/vit_base.toml",
                            "--workers", "8", "--gpus", RAY_API_SERVER_ADDRESS="http://10.0.0.1:8265")
     assert rc == 0 and words[1:] == ["job", "submit", "--address", "http://10.0.0.1:8265", "--working-dir", ".",
+                                     "--runtime-env-json", '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "300"}}',
                                      "--entrypoint-num-cpus", "1", "--no-wait", "--", "python", "-m", "jobs.train_ray",
                                      "--config", "configs/vit_base.toml", "--workers", "8", "--gpus"]
     rc, words, _ = dry_run("shard", "SRC", "s3://b/shards", "--shard-samples", "2000")
@@ -170,3 +174,84 @@ def test_submit_ray_usage_errors(tmp_path):
     assert rc == 2 and "MAEPIPE_NOT_SET_ANYWHERE" in err
     rc, _, err = dry_run("manage", "--working-dir", str(tmp_path), "s3://b/r")
     assert rc == 2 and "not a maepipe checkout" in err
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """(run folder, labelled manifest) of one 4-step training run with checkpoints at steps 2 and 4."""
+    root = tmp_path_factory.mktemp("manager-run")
+    data = write_small_dataset(str(root / "shards"), {"train": [64], "val": [32]})
+    return train(root, data), data
+
+
+def start_manager(*args: str, log: Path, **env: str) -> subprocess.Popen:
+    child_env = subprocess_env(**env)
+    child_env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "jobs.checkpoint_manager", *args], cwd=log.parent, env=child_env,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_until(check, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert proc.poll() is None, f"manager exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def done_work(run: Path) -> dict[str, list[str]]:
+    path = run / "checkpoint_manager.json"
+    return json.loads(path.read_text())["done"] if path.exists() else {}
+
+
+@pytest.mark.integration
+def test_manager_polls_finetunes_a_new_checkpoint_once_and_stops_at_until_step(small_run, tmp_path):
+    """Polling mode: step 2 is there at start, step 4 completes while the manager runs; each gets its
+    work once (consolidation, a tiny fine-tune), the from-scratch baseline once, then --until-step 4 ends it."""
+    source, data = small_run
+    run = tmp_path / "r"
+    shutil.copytree(source, run)
+    mark = run / "checkpoints" / STEPS[1] / "client_state.json"
+    held = mark.rename(tmp_path / "client_state.json")  # step 4 is still being written
+    log = tmp_path / "manager.log"
+    tiny = ["--set", "eval.finetune_epochs=1", "--set", "eval.finetune_samples=32", "--set", "eval.batch_size=16"]
+    proc = start_manager(str(run), "--consolidate", "--evaluate", "finetune", "--data", data, "--poll-s", "0.5",
+                         "--until-step", "4", "--no-report", *tiny, log=log, MAEPIPE_CACHE=str(tmp_path / "cache"))
+    try:
+        wait_until(lambda: set(done_work(run).get(STEPS[0], [])) == {"consolidate", "finetune"}, proc, log)
+        wait_until(lambda: "nothing new" in log.read_text(), proc, log)  # polled again: step 4 is not complete
+        assert STEPS[1] not in done_work(run) and not (run / "consolidated" / f"{STEPS[1]}.safetensors").exists()
+        held.rename(mark)  # the completion mark arrives
+        assert proc.wait(300) == 0, log.read_text()[-3000:]
+    finally:
+        kill_job(proc)
+    text = log.read_text()
+    assert {t: set(w) for t, w in done_work(run).items()} == {t: {"consolidate", "finetune"} for t in STEPS}
+    assert sorted(p.name for p in (run / "consolidated").iterdir()) == [f"{t}.safetensors" for t in STEPS]
+    rows = rows_of((run / "evals.jsonl").read_text())
+    assert sorted((r["encoder"], r["step"]) for r in rows) == [("mae", 2), ("mae", 4), ("scratch", 2)]
+    assert all(r["protocol"].startswith("finetune full 2steps") and r["train_samples"] == 32 and
+               r["test_samples"] == 32 for r in rows)  # 1 epoch x 32 samples / batch 16
+    for tag in STEPS:  # each checkpoint's work ran once
+        assert text.count(f"{tag}: finetune, ") == 1 and text.count(f"{tag}: consolidate -> ") == 1, text[-3000:]
+
+
+@pytest.mark.integration
+def test_manager_stops_cleanly_on_sigterm(small_run, tmp_path):
+    """A polling manager with no stop condition (what `ray job stop` ends): SIGTERM while it waits for
+    new checkpoints ends it with exit 0 and its state intact."""
+    source, _ = small_run
+    run = tmp_path / "r"
+    shutil.copytree(source, run)
+    log = tmp_path / "manager.log"
+    proc = start_manager(str(run), "--consolidate", "--poll-s", "0.5", "--no-report", log=log,
+                         MAEPIPE_CACHE=str(tmp_path / "cache"))
+    try:
+        wait_until(lambda: "nothing new" in log.read_text(), proc, log)  # both done, polling
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, log.read_text()[-3000:]
+    finally:
+        kill_job(proc)
+    assert "stop requested" in log.read_text()
+    assert {t: w for t, w in done_work(run).items()} == {t: ["consolidate"] for t in STEPS}
+    assert sorted(p.name for p in (run / "consolidated").iterdir()) == [f"{t}.safetensors" for t in STEPS]

@@ -38,7 +38,7 @@ RESUME_FIXED = ("model",)
 
 
 class StopFlag:
-    """Set by SIGUSR1/SIGTERM (preemption notice) or the time limit; acted on at a step boundary.
+    """Set by SIGUSR1/SIGTERM (preemption notice), notify() or the time limit; acted on at a step boundary.
 
     CPython runs the handler only when the main thread is back in Python: a rank blocked in a
     collective sees the signal once that returns, which a dead peer bounds (gloo error at once, or
@@ -53,10 +53,25 @@ class StopFlag:
             for sig in (signal.SIGUSR1, signal.SIGTERM):
                 signal.signal(sig, self._handle)
         else:  # Ray Train runs the loop in a worker thread: Python lets only the main thread take signals
-            log.info("not the main thread: SIGUSR1/SIGTERM are left to the host process (time limit still applies)")
+            log.info("not the main thread: notices come through notify() (jobs/stop_notice.py under Ray Train)")
 
     def _handle(self, signum, _frame):
+        self.notify(signum)
+
+    def notify(self, signum: int) -> None:
+        """A preemption notice from elsewhere (another thread, the host process): stop like on `signum`."""
         self.signal = signum
+
+    def ignore_from_now(self) -> None:
+        """The run is over and saved: later notices are ignored, so this rank exits with its own code.
+
+        After the first rank exits non-zero (75), torchrun and srun SIGTERM the others. A Python handler
+        would catch that, but interpreter shutdown puts SIGTERM back to its default (fatal) action while
+        the rank is still tearing down, so it would end as -15. SIG_IGN survives that shutdown.
+        """
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGUSR1, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
 
     @property
     def out_of_time(self) -> bool:
@@ -131,8 +146,12 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def train(cfg: RunConfig) -> int:
-    stop = StopFlag(cfg.train.time_limit_minutes * 60)  # first: a notice during startup must not kill us
+def train(cfg: RunConfig, stop: StopFlag | None = None) -> int:
+    """Run (or resume) the training of `cfg` on this rank. -> EXIT_OK, or EXIT_REQUEUE after a preemption save.
+
+    `stop`: a flag made by the caller, who feeds it notices (Ray Train workers); default: one taking
+    this process's SIGUSR1/SIGTERM."""
+    stop = stop or StopFlag(cfg.train.time_limit_minutes * 60)  # first: a notice during startup must not kill us
     dist = distributed.init(cfg.train.dist_timeout_s)
     run_dir = cfg.run_dir
     resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, run_dir, cfg.checkpoint.upload_url)
@@ -244,6 +263,7 @@ def train(cfg: RunConfig) -> int:
     # sync point: ranks leave together; launchers (torchrun, srun) tear the job down at the first
     # non-zero exit, which would otherwise kill a rank still finishing its own exit path
     torch.distributed.barrier()
+    stop.ignore_from_now()
     return exit_code
 
 
