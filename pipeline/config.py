@@ -38,6 +38,10 @@ class ModelConfig:
     """Regress per-patch normalized pixels (mean/var of each target patch, eps 1e-6), as the paper's best setting."""
     drop_path: float = 0.0
     """Stochastic depth rate in the encoder (used for fine-tuning; MAE pretraining uses 0)."""
+    decoder_depth: int = 0
+    """Decoder blocks; 0 takes the preset's. Deeper decoders leave the encoder's top blocks to representation (paper Table 1a)."""
+    decoder_embed_dim: int = 0
+    """Decoder width; 0 takes the preset's. Must be divisible by the preset's decoder head count."""
 
     def check(self) -> None:
         if not 0.0 <= self.mask_ratio < 1.0:
@@ -56,6 +60,10 @@ class ModelConfig:
             raise ConfigError(f"model.in_chans={self.in_chans}: accepted values are 1 and 3")
         if not 0.0 <= self.drop_path < 1.0:
             raise ConfigError(f"model.drop_path={self.drop_path}: must be in [0, 1)")
+        if self.decoder_depth < 0:
+            raise ConfigError(f"model.decoder_depth={self.decoder_depth}: must be positive, or 0 for the preset's")
+        if self.decoder_embed_dim < 0:
+            raise ConfigError(f"model.decoder_embed_dim={self.decoder_embed_dim}: must be positive, or 0 for the preset's")
 
 
 @dataclass

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.config import ModelConfig
+from pipeline.config import ConfigError, ModelConfig
 from pipeline.model import MAE, PRESETS, build_mae, patchify, unpatchify
 from pipeline.model.mae import num_kept
 
@@ -95,6 +95,15 @@ def test_presets_have_published_encoder_sizes(preset, millions):
     model = build_mae(ModelConfig(preset=preset))
     assert abs(count(model.encoder) - millions) / millions < 0.01
     assert model.decoder_blocks[0].attn.qkv.in_features == 512 and len(model.decoder_blocks) == 8
+
+
+def test_decoder_shape_overrides_the_preset():
+    model = small(decoder_depth=8, decoder_embed_dim=64)
+    assert len(model.decoder_blocks) == 8 and model.decoder_blocks[0].attn.qkv.in_features == 64
+    assert model.decoder_embed.out_features == 64 and model.mask_token.shape == (1, 1, 64)
+    assert small(decoder_embed_dim=64).encoder.blocks[0].attn.qkv.in_features == 192  # encoder untouched
+    with pytest.raises(ConfigError, match=r"model\.decoder_embed_dim=66.*4 decoder heads"):
+        small(decoder_embed_dim=66)
 
 
 def test_huge_uses_patch_14():
