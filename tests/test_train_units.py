@@ -121,6 +121,21 @@ def test_changed_model_is_refused_and_other_changes_allowed(saved_run, caplog):
     assert "train.steps: 1000 -> 50" in caplog.text
 
 
+def test_checkpoint_from_before_a_new_model_field_resumes(saved_run, caplog):
+    """A field added to ModelConfig after a checkpoint was written takes its default there, so the
+    checkpoint stays resumable (its stored hash was computed without the field)."""
+    cfg, _ = saved_run
+    state = checkpoint.read_client_state(str(cfg.run_dir / "checkpoints" / "step-00000004"))
+    for name in ("decoder_depth", "decoder_embed_dim"):  # added in session 3
+        del state["config"]["model"][name]
+    state["config_hash"] = "written-by-an-older-maepipe"
+    with caplog.at_level("INFO"):
+        check_resumable(state, load_config(None, OVERRIDES + [f"out_dir={cfg.out_dir}"]), "ckpt")
+    assert "decoder" not in caplog.text
+    with pytest.raises(ConfigError, match=r"model.decoder_depth: 0 -> 8"):
+        check_resumable(state, load_config(None, OVERRIDES + ["model.decoder_depth=8"]), "ckpt")
+
+
 def test_flops_formula_matches_torch_flop_counter():
     cfg = ModelConfig(preset="tiny", img_size=32, patch_size=4, in_chans=1)
     model = build_mae(cfg)

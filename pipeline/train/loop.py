@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import ConfigError, RunConfig, config_from_dict
 from pipeline.data import StreamingLoader
 from pipeline.model import build_mae
 from pipeline.train import checkpoint, distributed
@@ -98,13 +98,17 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def check_resumable(state: dict, cfg: RunConfig, ckpt: str) -> None:
-    """Refuse a checkpoint whose model differs (shape, patch, mask ratio...); log deliberate changes."""
-    if state["config_hash"] != cfg.hash(RESUME_FIXED):
-        changed = config_changes({"model": state["config"]["model"]}, {"model": cfg.to_dict()["model"]})
+    """Refuse a checkpoint whose model differs (shape, patch, mask ratio...); log deliberate changes.
+
+    The saved config is rebuilt through today's dataclasses rather than trusting its stored hash:
+    a field added since the checkpoint was written takes its default, which keeps the old behaviour."""
+    saved = config_from_dict(state["config"])
+    if saved.hash(RESUME_FIXED) != cfg.hash(RESUME_FIXED):
+        changed = config_changes({"model": saved.to_dict()["model"]}, {"model": cfg.to_dict()["model"]})
         raise ConfigError(f"checkpoint {ckpt} cannot be resumed with this config: {'; '.join(changed)}. "
                           "The model section must match the checkpoint's: set these fields back (or start a new "
                           "run with another name / without --resume)")
-    for change in config_changes(state["config"], cfg.to_dict()):
+    for change in config_changes(saved.to_dict(), cfg.to_dict()):
         log.info("config changed since the checkpoint (allowed): %s", change)
 
 
