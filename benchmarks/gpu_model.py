@@ -38,7 +38,7 @@ from pipeline.config import ModelConfig  # noqa: E402
 from pipeline.model import build_mae  # noqa: E402
 from pipeline.model.mae import num_kept  # noqa: E402
 from pipeline.model.pos_embed import sincos_2d  # noqa: E402
-from pipeline.model.presets import resolve_preset  # noqa: E402
+from pipeline.presets import resolve_preset  # noqa: E402
 from pipeline.train.flops import mae_flops_per_image, peak_tflops  # noqa: E402
 
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,

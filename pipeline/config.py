@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.presets import resolve_preset
+
 
 class ConfigError(ValueError):
     """A bad config value; the message names the field (`section.key`) and the accepted values."""
@@ -50,7 +52,8 @@ class ModelConfig:
             raise ConfigError(f"model.img_size={self.img_size}: must be positive")
         if self.patch_size < 0:
             raise ConfigError(f"model.patch_size={self.patch_size}: must be positive, or 0 for the preset's")
-        patch = self.patch_size or (14 if self.preset == "huge" else 16)
+        shape = resolve_preset(self.preset)
+        patch = self.patch_size or shape.patch_size
         if self.img_size % patch:
             raise ConfigError(
                 f"model.img_size={self.img_size} is not divisible by model.patch_size={patch}: "
@@ -64,6 +67,9 @@ class ModelConfig:
             raise ConfigError(f"model.decoder_depth={self.decoder_depth}: must be positive, or 0 for the preset's")
         if self.decoder_embed_dim < 0:
             raise ConfigError(f"model.decoder_embed_dim={self.decoder_embed_dim}: must be positive, or 0 for the preset's")
+        if (self.decoder_embed_dim or shape.decoder_embed_dim) % shape.decoder_num_heads:
+            raise ConfigError(f"model.decoder_embed_dim={self.decoder_embed_dim}: must be a multiple of the "
+                              f"{self.preset} preset's {shape.decoder_num_heads} decoder heads")
 
 
 @dataclass

@@ -30,6 +30,7 @@ def test_demo_config_loads_and_overrides_apply():
     ("data.batch_size=1.5", "data.batch_size"),
     ("data.mean=[0.1, 0.2]", "data.mean"),
     ("model.decoder_depth=-1", "model.decoder_depth"),
+    ("model.decoder_embed_dim=66", "model.decoder_embed_dim"),  # not a multiple of the decoder's 4 heads
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -102,12 +102,13 @@ def test_decoder_shape_overrides_the_preset():
     assert len(model.decoder_blocks) == 8 and model.decoder_blocks[0].attn.qkv.in_features == 64
     assert model.decoder_embed.out_features == 64 and model.mask_token.shape == (1, 1, 64)
     assert small(decoder_embed_dim=64).encoder.blocks[0].attn.qkv.in_features == 192  # encoder untouched
-    with pytest.raises(ConfigError, match=r"model\.decoder_embed_dim=66.*4 decoder heads"):
-        small(decoder_embed_dim=66)
 
 
 def test_huge_uses_patch_14():
     assert PRESETS["huge"].patch_size == 14 and PRESETS["huge"].embed_dim == 1280 and PRESETS["huge"].depth == 32
+    ModelConfig(preset="huge", img_size=210).check()  # 15 x 14: the config checks against the preset's patch
+    with pytest.raises(ConfigError, match=r"model\.img_size=210.*patch_size=16"):
+        ModelConfig(preset="large", img_size=210).check()
 
 
 def test_init_follows_the_paper():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.config import ModelConfig
 from pipeline.model.pos_embed import sincos_2d
-from pipeline.model.presets import resolve_preset
+from pipeline.presets import resolve_preset
 from pipeline.model.vit import Block, Encoder, run_blocks
 
 
@@ -133,15 +133,12 @@ class MAE(nn.Module):
 
 
 def build_mae(cfg: ModelConfig) -> MAE:
+    cfg.check()
     p = resolve_preset(cfg.preset)
-    decoder_dim = cfg.decoder_embed_dim or p.decoder_embed_dim
-    if decoder_dim % p.decoder_num_heads:  # checked here, not in ModelConfig.check, to keep the config torch-free
-        raise ConfigError(f"model.decoder_embed_dim={decoder_dim}: must be a multiple of the {cfg.preset} "
-                          f"preset's {p.decoder_num_heads} decoder heads")
     return MAE(
         img_size=cfg.img_size, patch_size=cfg.patch_size or p.patch_size, in_chans=cfg.in_chans,
         embed_dim=p.embed_dim, depth=p.depth, num_heads=p.num_heads,
-        decoder_embed_dim=decoder_dim, decoder_depth=cfg.decoder_depth or p.decoder_depth,
+        decoder_embed_dim=cfg.decoder_embed_dim or p.decoder_embed_dim, decoder_depth=cfg.decoder_depth or p.decoder_depth,
         decoder_num_heads=p.decoder_num_heads, norm_pix_loss=cfg.norm_pix_loss,
         mask_ratio=cfg.mask_ratio, drop_path=cfg.drop_path,
     )

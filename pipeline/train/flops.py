@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pipeline.config import ModelConfig
 from pipeline.model.mae import num_kept
-from pipeline.model.presets import resolve_preset
+from pipeline.presets import resolve_preset
 
 # Dense peak TFLOP/s per device (no sparsity) by precision; fp32 means TF32 tensor cores on NVIDIA.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {

@@ -1,4 +1,8 @@
-"""Named encoder/decoder shapes. base/large/huge are the MAE paper's (decoder 512-d, 8 blocks)."""
+"""Named encoder/decoder shapes. base/large/huge are the MAE paper's (decoder 512-d, 8 blocks).
+
+Plain data without torch, so the config can check a run against its preset (patch size, decoder
+heads) before anything heavy is imported; pipeline.model builds from the same table.
+"""
 
 from dataclasses import dataclass
 
