@@ -9,12 +9,16 @@ as `maepipe shard` does, so every shard is a random draw of its split.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 
-from data_shards.manifest import Manifest, write_manifest
-from data_shards.writer import write_shard
-from tests.helpers import CLASSES, fashion_arrays, png_bytes
+# Run as a script from the repository root: the Fashion-MNIST readers live in tests/helpers.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_shards.manifest import Manifest, write_manifest  # noqa: E402
+from data_shards.writer import write_shard  # noqa: E402
+from tests.helpers import CLASSES, fashion_arrays, png_bytes  # noqa: E402
 
 
 def write_fashion_mnist(dest: str, shard_samples: int = 5000, seed: int = 0) -> str:

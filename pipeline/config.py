@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.presets import resolve_preset
+from pipeline.presets import PRESETS
 
 
 class ConfigError(ValueError):
@@ -52,7 +52,9 @@ class ModelConfig:
             raise ConfigError(f"model.img_size={self.img_size}: must be positive")
         if self.patch_size < 0:
             raise ConfigError(f"model.patch_size={self.patch_size}: must be positive, or 0 for the preset's")
-        shape = resolve_preset(self.preset)
+        if self.preset not in PRESETS:
+            raise ConfigError(f"model.preset={self.preset!r}: accepted values are {', '.join(PRESETS)}")
+        shape = PRESETS[self.preset]
         patch = self.patch_size or shape.patch_size
         if self.img_size % patch:
             raise ConfigError(

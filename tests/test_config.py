@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pipeline.config import ConfigError, RunConfig, config_from_dict, describe, load_config
+from pipeline.config import ConfigError, ModelConfig, RunConfig, config_from_dict, describe, load_config
 from tests.conftest import ROOT, subprocess_env
 
 DEMO = ROOT / "configs" / "demo.toml"
@@ -40,6 +40,11 @@ def test_bad_values_name_the_field(override, field):
 def test_accepted_values_are_listed():
     with pytest.raises(ConfigError, match="'fp32', 'bf16', 'fp16'"):
         load_config(DEMO, ["train.precision=fp8"])
+
+
+def test_config_built_in_code_names_an_unknown_preset():
+    with pytest.raises(ConfigError, match=r"model\.preset='giant'.*micro, tiny"):
+        ModelConfig(preset="giant").check()
 
 
 def test_roundtrip_through_saved_json(tmp_path):
