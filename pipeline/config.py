@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.presets import PRESETS
+from pipeline.presets import resolve_preset
 
 
 class ConfigError(ValueError):
@@ -52,9 +52,10 @@ class ModelConfig:
             raise ConfigError(f"model.img_size={self.img_size}: must be positive")
         if self.patch_size < 0:
             raise ConfigError(f"model.patch_size={self.patch_size}: must be positive, or 0 for the preset's")
-        if self.preset not in PRESETS:
-            raise ConfigError(f"model.preset={self.preset!r}: accepted values are {', '.join(PRESETS)}")
-        shape = PRESETS[self.preset]
+        try:
+            shape = resolve_preset(self.preset)
+        except ValueError as e:  # the one message for an unknown preset; here it is a config error
+            raise ConfigError(str(e)) from None
         patch = self.patch_size or shape.patch_size
         if self.img_size % patch:
             raise ConfigError(

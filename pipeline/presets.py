@@ -34,4 +34,4 @@ def resolve_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; accepted: {', '.join(PRESETS)}") from None
+        raise ValueError(f"model.preset={name!r}: accepted values are {', '.join(PRESETS)}") from None
